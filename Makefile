@@ -1,0 +1,51 @@
+# ctprep + cttrain. The two commands a user needs: `make demo` and `make test`.
+# Each target installs what it needs first, so on a fresh machine it is the whole set-up.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The stamp is keyed by pyproject.toml: editing the dependencies re-runs the install.
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+DEMO_RAW   := data/raw/demo
+DEMO_STORE := data/cache/demo.zarr
+DEMO_RUN   := data/runs/demo
+DEMO_CFG   := configs/demo.yaml
+
+.PHONY: install demo test test-all bench lint clean-demo
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: install
+	$(BIN)/ctprep synth $(DEMO_RAW) --patients 60 --seed 0
+	$(BIN)/ctprep build-cache --data-dir $(DEMO_RAW) \
+		--labels $(DEMO_RAW)/multi_abnormality_labels/train_predicted_labels.csv \
+		--metadata $(DEMO_RAW)/metadata/train_metadata.csv \
+		--out $(DEMO_STORE) --config $(DEMO_CFG) --workers 2
+	$(BIN)/ctprep make-folds $(DEMO_STORE) --folds 5 --config $(DEMO_CFG)
+	$(BIN)/cttrain cv --config $(DEMO_CFG) --cache $(DEMO_STORE) --folds 5 --out $(DEMO_RUN) --resume
+	$(BIN)/cttrain report $(DEMO_RUN)
+	@echo "demo done: summary in $(DEMO_RUN)/results/cv_summary.json, figures in $(DEMO_RUN)/report/"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+# The long end-to-end tests too (marked slow).
+test-all: install
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+bench: install
+	$(BIN)/python bench/run_all.py --quick
+
+lint: install
+	$(BIN)/ruff check ctprep cttrain tests bench
+
+clean-demo:
+	rm -rf $(DEMO_RAW) $(DEMO_STORE) $(DEMO_STORE).lock data/cache/failures.json data/cache/folds.json $(DEMO_RUN)

@@ -1,0 +1,10 @@
+"""ctprep: raw chest CT -> one verified, chunked zarr v3 store of windowed, CLAHE-enhanced slices.
+
+Stage 1 of ctprep + cttrain. This package never imports torch or cttrain.
+"""
+
+__version__ = "0.1.0"
+
+# Bump when the cached pixels for the same config and source would change; it is part of the
+# store fingerprint, so an old store is refused instead of silently mixed with new rows.
+CACHE_VERSION = 1

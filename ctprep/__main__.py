@@ -1,0 +1,3 @@
+from ctprep.cli import app
+
+app(prog_name="ctprep")

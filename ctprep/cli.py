@@ -1,0 +1,168 @@
+"""`ctprep` command line: a thin layer over plain functions a notebook can call too.
+
+Every user-fixable problem (bad config, bad input, a store that cannot be used) ends as one red
+line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="ctprep",
+    help="Raw chest CT -> one verified zarr v3 store of windowed, CLAHE-enhanced slices, with labels and folds.",
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+StorePath = Annotated[str, typer.Argument(help="Path (or fsspec URL) of the zarr store, e.g. data/cache/demo.zarr.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Experiment YAML (reads its `preprocess` and `folds` sections).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: section.key=value (repeatable).")]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean 'the user can fix this' (imported lazily to keep start-up fast)."""
+    from ctprep.config import ConfigError
+    from ctprep.folds import FoldError
+    from ctprep.store import StoreError
+
+    errors: list[type[BaseException]] = [ConfigError, FoldError, StoreError, FileNotFoundError]
+    try:
+        from ctprep.build import BuildError
+
+        errors.append(BuildError)
+    except ImportError:  # pragma: no cover - only while the build module is absent
+        pass
+    return tuple(errors)
+
+
+def _fail(exc: BaseException) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write (plays the role of CT-RATE's dataset/).")],
+    patients: Annotated[int, typer.Option(help="Number of synthetic patients.")] = 40,
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, same dataset.")] = 0,
+    scale: Annotated[str, typer.Option(help="small (demo/tests) or ctrate (512x512, 200-300 slices, for benchmarks).")] = "small",
+    v1_fraction: Annotated[float, typer.Option(help="Fraction of volumes stored as CT-RATE v1 raw values.")] = 0.3,
+) -> None:
+    """Synthesize chest CT with learnable findings in the exact CT-RATE layout."""
+    from ctprep.synth import synthesize
+
+    if patients < 1:
+        _fail(ValueError("--patients must be >= 1"))
+    if scale not in ("small", "ctrate"):
+        _fail(ValueError(f"--scale must be small or ctrate, got '{scale}'"))
+    summary = synthesize(out_dir, patients, seed, scale=scale, v1_fraction=v1_fraction, progress=True)
+    console.print(f"[green]wrote[/green] {summary.get('volumes', '?')} volumes of "
+                  f"{summary.get('patients', patients)} patients to {out_dir}")
+
+
+@app.command("build-cache")
+def build_cache(
+    data_dir: Annotated[Path, typer.Option("--data-dir", help="Root searched for each VolumeName (NIfTI, MHA/MHD, NRRD, DICOM series directory).")],
+    labels: Annotated[Path, typer.Option("--labels", help="Labels CSV: VolumeName then one 0/1 column per label.")],
+    out: Annotated[str, typer.Option("--out", help="Store to create or complete.")],
+    metadata: Annotated[Optional[Path], typer.Option("--metadata", help="CT-RATE metadata CSV (XYSpacing, ZSpacing, RescaleSlope, RescaleIntercept).")] = None,
+    config: ConfigOpt = None,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="Worker processes.")] = 1,
+    shard: Annotated[str, typer.Option("--shard", help="I/N: fill only rows with row % N == I (job arrays).")] = "0/1",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild from scratch (the old store stays until the new one is complete).")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Build (or resume) the store: correct HU, resample, windows, CLAHE, verified rows."""
+    from ctprep.build import build_cache as run_build
+    from ctprep.build import parse_shard, print_report
+    from ctprep.config import load_preprocess
+
+    try:
+        cfg = load_preprocess(config, set_ or [])
+        if workers < 1:
+            raise ValueError("--workers must be >= 1")
+        report = run_build(data_dir, labels, out, cfg, metadata_csv=metadata, workers=workers,
+                           shard=parse_shard(shard), overwrite=overwrite, progress=True, console=console)
+    except (*_user_errors(), ValueError) as exc:
+        _fail(exc)
+    print_report(report, console)
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+@app.command("make-folds")
+def make_folds_cmd(
+    store: StorePath,
+    folds: Annotated[Optional[int], typer.Option("--folds", "-k", help="Number of folds (default: config folds.k, else 5).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: config folds.seed, else 42).")] = None,
+    config: ConfigOpt = None,
+    from_file: Annotated[Optional[Path], typer.Option("--from", help="Use your own folds: folds.json or a VolumeName,fold CSV.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Patient-grouped multi-label stratified folds; writes the store's `folds` and folds.json."""
+    from ctprep.config import load_folds
+    from ctprep.folds import make_folds
+    from ctprep.info import render_fold_table
+    from ctprep.store import open_store
+
+    try:
+        cfg = load_folds(config, set_ or [])
+        table = make_folds(store, k=folds if folds is not None else cfg.k,
+                           seed=seed if seed is not None else cfg.seed, from_file=from_file)
+    except _user_errors() as exc:
+        _fail(exc)
+    console.print(render_fold_table(table, open_store(store).label_names))
+    meta = table["meta"]
+    where = f"; wrote {meta['folds_json']}" if "folds_json" in meta else ""
+    console.print(f"[green]{meta['k']} patient-disjoint folds[/green] ({meta['method']}, seed {meta['seed']}){where}")
+
+
+@app.command()
+def info(
+    store: StorePath,
+    json_: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """Counts, shape, windows, written/failed rows, HU rules, QC flags and the fold table."""
+    import json
+
+    from ctprep.info import render_info, store_info
+
+    try:
+        data = store_info(store)
+    except _user_errors() as exc:
+        _fail(exc)
+    if json_:
+        sys.stdout.write(json.dumps(data, indent=1) + "\n")
+    else:
+        render_info(data, console)
+
+
+@app.command()
+def preview(
+    store: StorePath,
+    volume: Annotated[str, typer.Argument(help="VolumeName (with or without .nii.gz).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")],
+    slices: Annotated[int, typer.Option(help="Number of evenly spaced slices (columns).")] = 6,
+) -> None:
+    """A montage of slices x windows, to see at a glance that HU, windowing and CLAHE are right."""
+    from ctprep.info import preview as run_preview
+
+    try:
+        path = run_preview(store, volume, out, slices=slices)
+    except _user_errors() as exc:
+        _fail(exc)
+    console.print(f"[green]wrote[/green] {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

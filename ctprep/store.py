@@ -1,0 +1,299 @@
+"""The ctprep store: one zarr v3 group, the contract between ctprep and cttrain.
+
+| node       | kind                           | meaning                                              |
+|------------|--------------------------------|------------------------------------------------------|
+| `images`   | uint8 (N, D, C, H, W)          | chunks of `chunk_slices` slices, one shard per volume |
+| `labels`   | uint8 (N, L)                   | 0/1 per label, one chunk per row                      |
+| `folds`    | int8 (N,)                      | fold index, -1 before `make-folds`                    |
+| `written`  | bool (N,)                      | row finished and verified, one chunk per row          |
+| `source`   | str (N,)                       | source fingerprint of the row's file (resume check)   |
+| `row_info` | str (N,)                       | JSON per row: HU rule applied, geometry, QC flags     |
+
+Group attrs: `schema`, `volume_names`, `patient_ids`, `label_names`, `windows`, `preprocess`,
+`fingerprint` (DESIGN.md), plus `cache_version` and `layout`.
+
+Why this layout: every per-row array has one chunk per row, so parallel writers (`--workers`,
+`--shard I/N`) never write the same chunk file, and zarr's LocalStore writes each chunk file
+atomically (temporary file + rename): a `kill -9` leaves either the old or the new chunk. A row is
+marked `written` only after its images were read back and checked, so an interrupted row is simply
+redone. Group attrs are written only at creation (under a lock) and by `make-folds`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctprep import CACHE_VERSION
+from ctprep.config import PreprocessConfig, to_dict
+
+SCHEMA = "ctprep-cache/1"
+
+
+class StoreError(Exception):
+    """A store problem a user can act on; the message names the store and the reason."""
+
+
+def fingerprint(cfg: PreprocessConfig) -> str:
+    """Hash of the preprocess config plus the code's cache version (changes => rebuild)."""
+    payload = json.dumps({"preprocess": to_dict(cfg), "cache_version": CACHE_VERSION}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "preprocess") -> list[str]:
+    """Keys whose values differ between two preprocess dicts, as `preprocess.key: old -> new`."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            out.append(f"{prefix}.{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return out
+
+
+def chunk_depth(depth: int, chunk_slices: int) -> int:
+    """Largest divisor of `depth` not above `chunk_slices` (a shard must hold whole chunks)."""
+    for k in range(min(chunk_slices, depth), 0, -1):
+        if depth % k == 0:
+            return k
+    return 1
+
+
+def _compressors(cfg: PreprocessConfig) -> Any:
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if cfg.compressor == "none":
+        return None
+    if cfg.compressor == "zstd":
+        return ZstdCodec(level=cfg.compression_level)
+    cname = cfg.compressor.split("-", 1)[1]
+    # uint8 pixels: byte shuffle is a no-op, bit shuffle measurably hurts speed for little gain.
+    return BloscCodec(cname=cname, clevel=cfg.compression_level, shuffle="noshuffle")
+
+
+def _is_local(path: str | Path) -> bool:
+    return "://" not in str(path)
+
+
+@contextlib.contextmanager
+def creation_lock(path: str | Path) -> Iterator[None]:
+    """Serialise store creation/validation between processes on one filesystem.
+
+    Remote stores (fsspec URLs) have no lock: create them once (`--shard 0/N` first, or a
+    plain build) before starting a job array."""
+    if not _is_local(path):
+        yield
+        return
+    lock_path = Path(str(path).rstrip("/") + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def store_exists(path: str | Path) -> bool:
+    if _is_local(path):
+        return (Path(path) / "zarr.json").exists()
+    import zarr
+
+    try:
+        zarr.open_group(str(path), mode="r")
+        return True
+    except Exception:  # noqa: BLE001 - any failure to open means "not a group there"
+        return False
+
+
+def create_store(path: str | Path, *, volume_names: Sequence[str], patient_ids: Sequence[str],
+                 labels: np.ndarray, label_names: Sequence[str], cfg: PreprocessConfig,
+                 overwrite: bool = False) -> CacheStore:
+    """Create the group with every row (unwritten) from the input list."""
+    import zarr
+
+    n = len(volume_names)
+    if n == 0:
+        raise StoreError(f"{path}: no volumes to store")
+    labels = np.asarray(labels, dtype=np.uint8)
+    if labels.shape != (n, len(label_names)):
+        raise StoreError(f"{path}: labels shape {labels.shape} != ({n}, {len(label_names)})")
+    d, h, w = cfg.shape
+    c = len(cfg.windows)
+    group = zarr.open_group(str(path), mode="w" if overwrite else "w-", zarr_format=3)
+    group.create_array(
+        "images", shape=(n, d, c, h, w), dtype="uint8",
+        chunks=(1, chunk_depth(d, cfg.chunk_slices), c, h, w), shards=(1, d, c, h, w),
+        compressors=_compressors(cfg), fill_value=0, dimension_names=("volume", "slice", "window", "y", "x"),
+    )
+    group.create_array("labels", shape=(n, len(label_names)), dtype="uint8", chunks=(1, len(label_names)),
+                       fill_value=0)[:] = labels
+    group.create_array("folds", shape=(n,), dtype="int8", chunks=(n,), fill_value=-1)
+    group.create_array("written", shape=(n,), dtype="bool", chunks=(1,), fill_value=False)
+    group.create_array("source", shape=(n,), dtype=str, chunks=(1,), fill_value="")
+    group.create_array("row_info", shape=(n,), dtype=str, chunks=(1,), fill_value="")
+    group.attrs.update({
+        "schema": SCHEMA,
+        "volume_names": list(volume_names),
+        "patient_ids": list(patient_ids),
+        "label_names": list(label_names),
+        "windows": [to_dict(win) for win in cfg.windows],
+        "preprocess": to_dict(cfg),
+        "fingerprint": fingerprint(cfg),
+        "cache_version": CACHE_VERSION,
+        "layout": "images (volume, slice, window, y, x); row i of every array is volume_names[i]",
+    })
+    return CacheStore(path, mode="r+")
+
+
+@dataclass
+class RowState:
+    written: bool
+    source: str
+
+
+class CacheStore:
+    """Thin handle on an existing store. Arrays are opened lazily, so a handle is cheap to create
+    in each worker process."""
+
+    def __init__(self, path: str | Path, mode: str = "r") -> None:
+        import zarr
+
+        self.path = path
+        self.mode = mode
+        try:
+            self.group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        except FileNotFoundError:
+            raise StoreError(f"{path}: no ctprep store here (run `ctprep build-cache` first)") from None
+        except Exception as exc:  # noqa: BLE001 - zarr raises several types for a non-store path
+            raise StoreError(f"{path}: not a readable zarr v3 store ({type(exc).__name__}: {exc})") from None
+        self.attrs = dict(self.group.attrs)
+        schema = self.attrs.get("schema")
+        if schema != SCHEMA:
+            raise StoreError(f"{path}: schema {schema!r} is not {SCHEMA!r} (not a ctprep store, or another version)")
+        self._arrays: dict[str, Any] = {}
+
+    def array(self, name: str) -> Any:
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    # ---- attributes -------------------------------------------------------------------------
+    @property
+    def volume_names(self) -> list[str]:
+        return list(self.attrs["volume_names"])
+
+    @property
+    def patient_ids(self) -> list[str]:
+        return list(self.attrs["patient_ids"])
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.attrs["label_names"])
+
+    @property
+    def windows(self) -> list[dict[str, Any]]:
+        return list(self.attrs["windows"])
+
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        return dict(self.attrs["preprocess"])
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.attrs["fingerprint"])
+
+    @property
+    def n(self) -> int:
+        return len(self.attrs["volume_names"])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int, int]:
+        """(D, C, H, W) of one volume."""
+        return tuple(self.array("images").shape[1:])  # type: ignore[return-value]
+
+    # ---- whole-array reads -------------------------------------------------------------------
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.array("labels")[:], dtype=np.uint8)
+
+    def folds(self) -> np.ndarray:
+        return np.asarray(self.array("folds")[:], dtype=np.int8)
+
+    def written(self) -> np.ndarray:
+        """Written flags; a flag chunk that cannot be decoded (torn by a crash) counts as False."""
+        arr = self.array("written")
+        try:
+            return np.asarray(arr[:], dtype=bool)
+        except Exception:  # noqa: BLE001 - fall back to row by row to isolate a damaged chunk
+            out = np.zeros(self.n, dtype=bool)
+            for i in range(self.n):
+                with contextlib.suppress(Exception):
+                    out[i] = bool(arr[i])
+            return out
+
+    def sources(self) -> list[str]:
+        return [str(s) for s in self.array("source")[:]]
+
+    def row_info(self, row: int) -> dict[str, Any]:
+        text = str(self.array("row_info")[row])
+        return json.loads(text) if text else {}
+
+    def all_row_info(self) -> list[dict[str, Any]]:
+        return [json.loads(str(t)) if str(t) else {} for t in self.array("row_info")[:]]
+
+    # ---- per-row access ----------------------------------------------------------------------
+    def read_images(self, row: int, slices: Any = slice(None), channels: Any = slice(None)) -> np.ndarray:
+        """uint8 (K, C, H, W) for one volume; only the chunks holding `slices` are decoded."""
+        arr = self.array("images")
+        if isinstance(slices, slice) and isinstance(channels, slice):
+            return np.asarray(arr[row, slices, channels])
+        return np.asarray(arr.oindex[row, slices, channels])
+
+    def write_row(self, row: int, images: np.ndarray, source: str, info: dict[str, Any]) -> None:
+        """Write one volume, read it back to verify, then flag it written (in that order)."""
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        expected = self.image_shape
+        if images.shape != expected:
+            raise StoreError(f"{self.path}: row {row} images shape {images.shape} != store {expected}")
+        self.array("written")[row] = False
+        self.array("images")[row] = images
+        back = np.asarray(self.array("images")[row])
+        if not np.array_equal(back, images):
+            raise StoreError(f"{self.path}: row {row} read back differs from what was written")
+        self.array("source")[row] = source
+        self.array("row_info")[row] = json.dumps(info, sort_keys=True)
+        self.array("written")[row] = True
+
+    def write_folds(self, folds: np.ndarray, meta: dict[str, Any]) -> None:
+        folds = np.asarray(folds, dtype=np.int8)
+        if folds.shape != (self.n,):
+            raise StoreError(f"{self.path}: folds shape {folds.shape} != ({self.n},)")
+        self.array("folds")[:] = folds
+        self.group.attrs["folds"] = meta
+        self.attrs["folds"] = meta
+
+
+def open_store(path: str | Path, mode: str = "r") -> CacheStore:
+    return CacheStore(path, mode=mode)
+
+
+def clean_stale_temp_files(path: str | Path) -> int:
+    """Remove temporary chunk files a killed writer left behind (zarr's LocalStore writes
+    `<chunk>.<uuid>.partial` and renames it into place)."""
+    if not _is_local(path):
+        return 0
+    removed = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            if name.endswith(".partial"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(root, name))
+                    removed += 1
+    return removed

@@ -1,0 +1,3 @@
+from cttrain.cli import app
+
+app(prog_name="cttrain")

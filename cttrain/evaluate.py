@@ -1,0 +1,196 @@
+"""Score a prediction table against a CT-RATE labels CSV the way the VLM3D Task 2 evaluator does.
+
+Rows are matched by the evaluator's case id (`ctprep.naming.case_id`: `valid_1_a_1.nii.gz`,
+`valid_1_a_1.mha` and `valid_1_a_1` are one volume), in any order. A label column missing from the
+predictions counts as probability 0.0, as in the evaluator. Everything else that is wrong (a missing
+VolumeName column, an unparsable number, a duplicated or unmatched volume) is an `EvaluateError`
+whose one-line message names the file, row, column or volume.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ctprep.naming import LABEL_NAMES, case_id
+from cttrain.metrics import challenge_metrics
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+NAME_COLUMN = "VolumeName"
+_SHOW = 5  # how many offending names an error message lists
+
+
+class EvaluateError(ValueError):
+    """Bad prediction or label table; the message names the file, row, column or volume."""
+
+
+def _read_rows(path: str | Path) -> tuple[Path, list[str], list[list[str]]]:
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.reader(handle))
+    except FileNotFoundError:
+        raise EvaluateError(f"{path}: file not found") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise EvaluateError(f"{path}: not a readable CSV ({exc})") from None
+    rows = [row for row in rows if any(cell.strip() for cell in row)]
+    if not rows:
+        raise EvaluateError(f"{path}: empty file (expected a header row starting with {NAME_COLUMN})")
+    header = [cell.strip() for cell in rows[0]]
+    if NAME_COLUMN not in header:
+        raise EvaluateError(f"{path}: no {NAME_COLUMN!r} column in the header {header[:4]}...")
+    if len(rows) == 1:
+        raise EvaluateError(f"{path}: header only, no volumes")
+    # Short rows are padded so a missing cell is reported as an empty value of a named column.
+    return path, header, [row + [""] * (len(header) - len(row)) for row in rows[1:]]
+
+
+def _case_ids(path: Path, raw_names: list[str]) -> list[str]:
+    names = [case_id(name.strip()) for name in raw_names]
+    seen: set[str] = set()
+    for row, name in enumerate(names, start=2):
+        if not name:
+            raise EvaluateError(f"{path}: row {row}: empty {NAME_COLUMN}")
+        if name in seen:
+            raise EvaluateError(f"{path}: row {row}: volume {name!r} appears more than once")
+        seen.add(name)
+    return names
+
+
+def _column(path: Path, header: list[str], rows: list[list[str]], label: str, binary: bool) -> np.ndarray:
+    index = header.index(label)
+    out = np.empty(len(rows))
+    for i, row in enumerate(rows):
+        text = row[index].strip()
+        try:
+            value = float(text)
+        except ValueError:
+            raise EvaluateError(f"{path}: row {i + 2}, column {label!r}: {text!r} is not a number") from None
+        if binary and value not in (0.0, 1.0):
+            raise EvaluateError(f"{path}: row {i + 2}, column {label!r}: label must be 0 or 1, got {text!r}")
+        if not binary and not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise EvaluateError(f"{path}: row {i + 2}, column {label!r}: probability {text!r} is not in "
+                                "[0, 1] (logits instead of probabilities?)")
+        out[i] = value
+    return out
+
+
+def _read_predictions(path: str | Path, label_names: Sequence[str]
+                      ) -> tuple[list[str], np.ndarray, list[str], list[str]]:
+    """Like `read_prediction_table`, plus the label columns that were missing (filled with 0.0)."""
+    path, header, rows = _read_rows(path)
+    labels = list(label_names)
+    missing = [label for label in labels if label not in header]
+    if len(missing) == len(labels):
+        raise EvaluateError(f"{path}: none of the {len(labels)} label columns is present "
+                            f"(expected columns named like {labels[0]!r})")
+    names = _case_ids(path, [row[header.index(NAME_COLUMN)] for row in rows])
+    probs = np.zeros((len(rows), len(labels)))
+    for j, label in enumerate(labels):
+        if label not in missing:
+            probs[:, j] = _column(path, header, rows, label, binary=False)
+    return names, probs, labels, missing
+
+
+def read_prediction_table(path: str | Path, label_names: Sequence[str] = LABEL_NAMES
+                          ) -> tuple[list[str], np.ndarray, list[str]]:
+    """Read a prediction CSV: VolumeName, then one probability column per label named exactly as the
+    label; other columns (such as `fold`) are ignored and a missing label column reads as 0.0.
+
+    Returns (case ids, probabilities (N, L) in `label_names` order, label names).
+    """
+    names, probs, labels, _ = _read_predictions(path, label_names)
+    return names, probs, labels
+
+
+def read_labels_csv(path: str | Path, label_names: Sequence[str] | None = LABEL_NAMES
+                    ) -> tuple[list[str], np.ndarray, list[str]]:
+    """Read the CT-RATE labels CSV (VolumeName + one 0/1 column per label).
+
+    `label_names=None` takes every column but VolumeName (and a `fold` column) as a label, in file
+    order. Returns (case ids, labels (N, L) as uint8 in label order, label names).
+    """
+    path, header, rows = _read_rows(path)
+    if label_names is None:
+        label_names = [name for name in header if name not in (NAME_COLUMN, "fold")]
+        if not label_names:
+            raise EvaluateError(f"{path}: no label columns besides {NAME_COLUMN}")
+    labels = list(label_names)
+    missing = [label for label in labels if label not in header]
+    if missing:
+        raise EvaluateError(f"{path}: missing label column(s) {missing[:_SHOW]}"
+                            + (f" and {len(missing) - _SHOW} more" if len(missing) > _SHOW else ""))
+    names = _case_ids(path, [row[header.index(NAME_COLUMN)] for row in rows])
+    y = np.stack([_column(path, header, rows, label, binary=True) for label in labels], axis=1)
+    return names, y.astype(np.uint8), labels
+
+
+def _unmatched_message(kind: str, names: list[str], source: Path) -> str:
+    shown = ", ".join(names[:_SHOW]) + (", ..." if len(names) > _SHOW else "")
+    return f"{len(names)} volume(s) {kind} {source}: {shown}"
+
+
+def match_rows(pred_names: Sequence[str], label_rows: Sequence[str],
+               predictions_csv: Path | str = "predictions", labels_csv: Path | str = "labels") -> np.ndarray:
+    """For each labelled volume, the index of its prediction row; every volume must be on both sides."""
+    where = {name: i for i, name in enumerate(pred_names)}
+    no_prediction = [name for name in label_rows if name not in where]
+    if no_prediction:
+        raise EvaluateError(_unmatched_message("in the labels have no prediction in", no_prediction,
+                                               Path(predictions_csv)))
+    labelled = set(label_rows)
+    no_label = [name for name in pred_names if name not in labelled]
+    if no_label:
+        raise EvaluateError(_unmatched_message("predicted but not in the labels", no_label, Path(labels_csv)))
+    return np.array([where[name] for name in label_rows], dtype=np.int64)
+
+
+def evaluate_files(predictions_csv: str | Path, labels_csv: str | Path, threshold: float = 0.5,
+                   label_names: Sequence[str] = LABEL_NAMES) -> dict:
+    """VLM3D Task 2 metrics of a prediction CSV against a labels CSV (see `challenge_metrics`).
+
+    The result also carries `missing_label_columns`: labels absent from the predictions and so
+    scored as probability 0.0.
+    """
+    pred_names, probs, labels, missing = _read_predictions(predictions_csv, label_names)
+    truth_names, y, _ = read_labels_csv(labels_csv, labels)
+    order = match_rows(pred_names, truth_names, predictions_csv, labels_csv)
+    result = challenge_metrics(y, probs[order], labels, threshold=threshold)
+    result["missing_label_columns"] = missing
+    return result
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def render_table(result: dict) -> Table:
+    """A rich Table of per-label and macro metrics, with CRG and the skipped labels in the caption."""
+    from rich.table import Table
+
+    columns = ("auroc", "f1", "precision", "recall", "accuracy")
+    table = Table(title=f"VLM3D Task 2 metrics ({result.get('n', '?')} volumes, threshold "
+                        f"p >= {result.get('threshold', 0.5):g})")
+    table.add_column("label")
+    for name in columns:
+        table.add_column(name.upper() if name == "auroc" else name, justify="right")
+    table.add_column("positives", justify="right")
+    for label, row in result["per_label"].items():
+        table.add_row(label, *(_fmt(row.get(name)) for name in columns), str(row.get("positives", "")))
+    macro = result["macro"]
+    table.add_section()
+    table.add_row("[bold]macro[/bold]", *(f"[bold]{_fmt(macro.get(name))}[/bold]" for name in columns), "")
+    notes = [f"CRG {_fmt(result.get('crg'))}"]
+    if result.get("auroc_skipped"):
+        notes.append("AUROC skipped (one class): " + ", ".join(result["auroc_skipped"]))
+    if result.get("missing_label_columns"):
+        notes.append("scored as 0.0 (column missing): " + ", ".join(result["missing_label_columns"]))
+    table.caption = " · ".join(notes)
+    return table

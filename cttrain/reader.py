@@ -1,0 +1,133 @@
+"""The one module through which cttrain reads the ctprep store.
+
+`StoreReader` loads the small per-row arrays (labels, folds, written flags) and the group attrs once,
+and opens the `images` array lazily in each process: a reader pickled into a DataLoader worker (or
+inherited across a fork) opens its own zarr handle there instead of sharing the parent's. A read
+decodes only the chunks that hold the requested slices, never the whole volume.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctprep.folds import FoldError
+from ctprep.store import open_store
+
+
+class StoreReader:
+    """Read-only, picklable view of a ctprep store with an optional channel (window) selection."""
+
+    def __init__(self, path: str | Path, channels: Sequence[str] | None = None) -> None:
+        self.path = path
+        store = open_store(path, mode="r")
+        self.window_names: list[str] = [str(w["name"]) for w in store.windows]
+        self.channel_names, self.channel_index = _select_channels(path, self.window_names, channels)
+        self.label_names: list[str] = store.label_names
+        self.volume_names: list[str] = store.volume_names
+        self.patient_ids: list[str] = store.patient_ids
+        self.labels: np.ndarray = store.labels()
+        self.folds: np.ndarray = store.folds()
+        self.written: np.ndarray = store.written()
+        self.folds_meta: dict[str, Any] = dict(store.attrs.get("folds") or {})
+        self.fingerprint: str = store.fingerprint
+        shape = store.image_shape
+        self.n: int = store.n
+        self.depth: int = int(shape[0])
+        self.num_channels: int = len(self.channel_index)
+        self.image_shape: tuple[int, int, int, int] = (self.depth, self.num_channels, int(shape[2]), int(shape[3]))
+        self.chunk_slices: int = int(store.array("images").chunks[1])
+        self._all_channels = self.channel_index == list(range(len(self.window_names)))
+        self._images: Any = None
+        self._pid: int | None = None
+
+    # A zarr handle must not cross a process boundary: drop it when pickled, reopen on first read.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_images"] = None
+        state["_pid"] = None
+        return state
+
+    def _array(self) -> Any:
+        if self._images is None or self._pid != os.getpid():
+            self._images = open_store(self.path, mode="r").array("images")
+            self._pid = os.getpid()
+        return self._images
+
+    def read(self, row: int, slice_idx: np.ndarray) -> np.ndarray:
+        """uint8 (K, C, H, W): slices `slice_idx` (any order, repeats allowed) of volume `row`.
+
+        The span [min, max] is read in one call and indexed in memory: the chunks a window of
+        slices touches are the chunks of its span, and one call costs one shard-index lookup.
+        When the requested slices are sparse (an evaluation sample spread over a deep volume),
+        only the chunks that hold them are read."""
+        idx = np.asarray(slice_idx, dtype=np.int64).reshape(-1)
+        if idx.size == 0:
+            raise ValueError("read() needs at least one slice index")
+        if not 0 <= row < self.n:
+            raise IndexError(f"{self.path}: row {row} out of range [0, {self.n})")
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.depth:
+            raise IndexError(f"{self.path}: slice index out of range [0, {self.depth}) for row {row}")
+        arr = self._array()
+        chunks_needed = np.unique(idx // self.chunk_slices).size
+        chunks_in_span = hi // self.chunk_slices - lo // self.chunk_slices + 1
+        if chunks_needed == chunks_in_span:
+            block = np.asarray(arr[row, lo:hi + 1])
+            out = block[idx - lo]
+        else:
+            uniq, inverse = np.unique(idx, return_inverse=True)
+            out = np.asarray(arr.oindex[row, uniq])[inverse]
+        if not self._all_channels:
+            out = out[:, self.channel_index]
+        return np.ascontiguousarray(out)
+
+    def read_volume(self, row: int) -> np.ndarray:
+        """uint8 (D, C, H, W): every slice of volume `row` (previews, tests)."""
+        return self.read(row, np.arange(self.depth))
+
+    def __repr__(self) -> str:
+        return (f"StoreReader({str(self.path)!r}, n={self.n}, image_shape={self.image_shape}, "
+                f"channels={self.channel_names})")
+
+
+def _select_channels(path: str | Path, windows: list[str], channels: Sequence[str] | None
+                     ) -> tuple[list[str], list[int]]:
+    if not channels:
+        return list(windows), list(range(len(windows)))
+    unknown = [c for c in channels if c not in windows]
+    if unknown:
+        raise ValueError(f"{path}: unknown channel {unknown[0]!r}; the store's windows are {', '.join(windows)}")
+    return list(channels), [windows.index(c) for c in channels]
+
+
+def fold_rows(reader: StoreReader, fold: int, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(train_rows, val_rows, skipped_unwritten) for validation fold `fold` of `k`.
+
+    Rows not yet written (an interrupted or partial build-cache) are left out of both sets and
+    counted, so the caller can say how many volumes the run is missing."""
+    folds = reader.folds
+    assigned = folds >= 0
+    if not assigned.any():
+        raise FoldError(f"{reader.path}: the store has no folds yet (run `ctprep make-folds {reader.path}`)")
+    store_k = int(reader.folds_meta.get("k", int(folds.max()) + 1))
+    if store_k != k:
+        raise FoldError(f"{reader.path}: store has {store_k} folds, --folds {k} asked "
+                        f"(run `ctprep make-folds --folds {k}` or use --folds {store_k})")
+    if not 0 <= fold < k:
+        raise FoldError(f"fold {fold} out of range: the store has folds 0..{k - 1}")
+    written = reader.written
+    orphans = np.flatnonzero(written & ~assigned)
+    if orphans.size:
+        raise FoldError(f"{reader.path}: {orphans.size} written volumes have no fold (first: "
+                        f"{reader.volume_names[orphans[0]]}); run `ctprep make-folds` again")
+    train = np.flatnonzero(written & assigned & (folds != fold))
+    val = np.flatnonzero(written & (folds == fold))
+    return train, val, int((~written).sum())
+
+
+__all__ = ["StoreReader", "fold_rows", "FoldError"]
