@@ -161,6 +161,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError("training.ema must be in [0, 1)")
     if not 0.0 <= cfg.loss.label_smoothing < 0.5:
         raise ConfigError("loss.label_smoothing must be in [0, 0.5)")
+    for key in ("dropout", "dropout_start"):
+        if not 0.0 <= getattr(cfg.model, key) < 1.0:
+            raise ConfigError(f"model.{key} must be in [0, 1), got {getattr(cfg.model, key)}")
+    if cfg.model.attention_reduction < 1:
+        raise ConfigError("model.attention_reduction must be >= 1")
     if cfg.training.lr <= 0:
         raise ConfigError("training.lr must be > 0")
     return cfg

@@ -180,7 +180,7 @@ def render_table(result: dict) -> Table:
                         f"p >= {result.get('threshold', 0.5):g})")
     table.add_column("label")
     for name in columns:
-        table.add_column(name.upper() if name == "auroc" else name, justify="right")
+        table.add_column(name.upper() if name in ("auroc", "f1") else name, justify="right")
     table.add_column("positives", justify="right")
     for label, row in result["per_label"].items():
         table.add_row(label, *(_fmt(row.get(name)) for name in columns), str(row.get("positives", "")))

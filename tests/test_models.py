@@ -241,12 +241,11 @@ def test_tiny_model_overfits_learnable_problem() -> None:
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(40):
-        loss = nn.functional.binary_cross_entropy_with_logits(model(x), y)
+        logits = model(x)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.3 * losses[0]
-    model.eval()
-    with torch.no_grad():
-        assert ((model(x) > 0).float() == y).float().mean() == 1.0
+    assert losses[-1] < 0.1 * losses[0]
+    assert ((logits > 0).float() == y).all()
