@@ -35,8 +35,8 @@ def store_info(path: str | Path) -> dict[str, Any]:
     infos = store.all_row_info()
     rules = Counter(i.get("hu_rule", "?") for i, w in zip(infos, written, strict=True) if w)
     qc = [
-        {"volume": store.volume_names[i], "flags": info.get("qc", [])}
-        for i, info in enumerate(infos) if written[i] and info.get("qc")
+        {"volume": store.volume_names[i], "flags": info.get("qc_flags", [])}
+        for i, info in enumerate(infos) if written[i] and info.get("qc_flags")
     ]
     nbytes = _store_bytes(path)
     images_bytes = int(np.prod(store.array("images").shape))

@@ -235,7 +235,8 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def index_data_dir(data_dir: Path) -> FileIndex:
-    """Walk the tree once. Symlinked directories are followed only while they stay inside."""
+    """Walk the tree once. Symlinked directories are followed only while they stay inside; zarr
+    stores are skipped."""
     root = Path(data_dir).resolve()
     if not root.is_dir():
         raise InputError(f"--data-dir {data_dir} is not a directory")
@@ -248,6 +249,8 @@ def index_data_dir(data_dir: Path) -> FileIndex:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError:
             continue  # unreadable folder: its volumes show up as missing, naming the name
+        if any(e.name == "zarr.json" for e in entries):
+            continue  # a zarr store (e.g. the cache itself under --data-dir) is never an input
         dicom_like = False
         for entry in entries:
             dicom_like |= _index_entry(entry, root, by_key, seen, stack)

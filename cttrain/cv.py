@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,16 +32,14 @@ import numpy as np
 from ctprep.config import ConfigError, to_dict
 from cttrain.config import ExperimentConfig, load_config, save_config
 from cttrain.metrics import MACRO_METRICS, challenge_metrics, jsonable, ranking_score
+from cttrain.predict import record_store
 from cttrain.thresholds import apply_fold_thresholds, nested_fold_thresholds, save_thresholds, tune_thresholds
 
 # Keys that say where and how fast a run executes, not what it computes: a resumed run may change
 # them (e.g. `cv --devices` resumes each fold with its own `training.device`).
-RUNTIME_KEYS: frozenset[str] = frozenset({
-    "training.device", "training.log_every", "data.num_workers", "data.prefetch", "data.pin_memory",
-})
-SUMMARY_METRICS: tuple[str, ...] = (
-    "auroc_macro", "f1_macro", "precision_macro", "recall_macro", "accuracy", "ranking_score", "crg",
-)
+RUNTIME_KEYS = frozenset({"training.device", "training.log_every", "data.num_workers", "data.prefetch",
+                          "data.pin_memory"})
+SUMMARY_METRICS = ("auroc_macro", "f1_macro", "precision_macro", "recall_macro", "accuracy", "ranking_score", "crg")
 RANKING_NOTE = ("ranking_score is the mean of the five macro metrics (AUROC, F1, precision, recall, "
                 "accuracy); it is ours, for comparing runs: the challenge ranks teams by a points system")
 
@@ -52,12 +51,7 @@ class CVError(Exception):
 # ---------------------------------------------------------------------------------- store and config
 
 
-def store_fold_count(cache: str | Path) -> int:
-    """Number of folds of a store: the `folds` attrs `k` written by `ctprep make-folds`, else the
-    number of distinct fold values among written rows (0 before make-folds)."""
-    from ctprep.store import open_store
-
-    store = open_store(cache)
+def _fold_count(store: Any) -> int:
     meta = store.attrs.get("folds")
     if isinstance(meta, dict) and isinstance(meta.get("k"), int):
         return int(meta["k"])
@@ -65,17 +59,25 @@ def store_fold_count(cache: str | Path) -> int:
     return len(np.unique(folds[folds >= 0]))
 
 
+def store_fold_count(cache: str | Path) -> int:
+    """Number of folds of a store: the `folds` attrs `k` written by `ctprep make-folds`, else the
+    number of distinct fold values among written rows (0 before make-folds)."""
+    from ctprep.store import open_store
+
+    return _fold_count(open_store(cache))
+
+
 def check_folds(cache: str | Path, k: int) -> None:
     """Raise CVError unless the store is split into exactly `k` folds covering every written row."""
     from ctprep.store import open_store
 
-    store_k = store_fold_count(cache)
+    store = open_store(cache)
+    store_k = _fold_count(store)
     fix = f"run ctprep make-folds {cache} --folds {k}"
     if store_k == 0:
         raise CVError(f"{cache}: the store has no folds yet; {fix}")
     if store_k != k:
         raise CVError(f"store has {store_k} folds; --folds {k} asked; {fix}")
-    store = open_store(cache)
     folds = store.folds()[store.written()]
     outside = int(((folds < 0) | (folds >= k)).sum())
     if outside:
@@ -108,27 +110,20 @@ def write_run_config(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool
         if resume:
             raise ConfigError(f"{path}: --resume with a changed config ({'; '.join(changes[:3])}); "
                               "drop the change or use a new --out")
-    tmp = path.with_name("config.yaml.tmp")
+    tmp = _tmp(path)
     save_config(cfg, tmp)
     os.replace(tmp, path)
     return path
 
 
-def record_store(run_dir: str | Path, cache: str | Path) -> Path:
-    """Write RUN_DIR/store.json: what the run was trained on (windows, image shape, labels), so
-    `predict` can refuse a store whose pixels mean something else."""
-    from ctprep.store import open_store
-
-    store = open_store(cache)
-    info = {"path": str(cache), "fingerprint": store.fingerprint, "windows": store.windows,
-            "image_shape": list(store.image_shape), "label_names": store.label_names,
-            "folds": store.attrs.get("folds")}
-    return _write_json(Path(run_dir) / "store.json", info)
+def _tmp(path: Path) -> Path:
+    """A temporary name beside `path`, private to this process (parallel folds write the same files)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def _write_json(path: Path, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp(path)
     tmp.write_text(json.dumps(jsonable(data), indent=2, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path
@@ -144,14 +139,14 @@ def fold_done(run_dir: str | Path, fold: int) -> bool:
 def run_fold(cfg: ExperimentConfig, run_dir: str | Path, fold: int, *, k: int, resume: bool = False,
              console: Any = None, write: bool = True) -> dict:
     """Train one fold (the `cttrain fold` command); `write=False` on non-zero DDP ranks."""
-    from cttrain.engine import train_fold
-
     if not 0 <= fold < k:
         raise CVError(f"fold {fold} does not exist: the store has folds 0..{k - 1}")
     check_folds(cfg.data.cache, k)
     if write:
         write_run_config(cfg, run_dir, resume=resume)
         record_store(run_dir, cfg.data.cache)
+    from cttrain.engine import train_fold
+
     return train_fold(cfg, fold, Path(run_dir), k=k, resume=resume, console=console)
 
 
@@ -161,6 +156,16 @@ def fold_command(run_dir: Path, fold: int, k: int, device: str, resume: bool) ->
     cmd = [sys.executable, "-m", "cttrain", "fold", str(fold), "--out", str(run_dir), "--folds", str(k)]
     cmd += ["--resume"] if resume else ["--config", str(run_dir / "config.yaml")]
     return cmd + ["--set", f"training.device={device}"]
+
+
+def _start_fold(run_dir: Path, fold: int, k: int, device: str, resume: bool, command: Callable[..., list[str]],
+                env: dict[str, str]) -> tuple[int, subprocess.Popen, Any, Path]:
+    log = run_dir / "logs" / f"fold_{fold}" / "cttrain.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    handle = log.open("w")
+    proc = subprocess.Popen(command(run_dir, fold, k, device, resume), stdout=handle, stderr=subprocess.STDOUT,
+                            env=env)
+    return fold, proc, handle, log
 
 
 def run_parallel(run_dir: Path, folds: Sequence[int], devices: Sequence[str], *, k: int, resume: bool,
@@ -175,30 +180,28 @@ def run_parallel(run_dir: Path, folds: Sequence[int], devices: Sequence[str], *,
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(devices))))
     try:
         while queue or running:
-            for device in devices:
-                if device not in running and queue:
-                    fold = queue.pop(0)
-                    log = run_dir / "logs" / f"fold_{fold}" / "cttrain.log"
-                    log.parent.mkdir(parents=True, exist_ok=True)
-                    handle = log.open("w")
-                    proc = subprocess.Popen(command(run_dir, fold, k, device, resume), stdout=handle,
-                                            stderr=subprocess.STDOUT, env=env)
-                    running[device] = (fold, proc, handle, log)
-                    console.print(f"fold {fold}: started on {device} (log {log})")
+            for slot, device in enumerate(devices):  # slots, so `cuda:0,cuda:0` runs two folds on one GPU
+                if slot not in running and queue:
+                    running[slot] = _start_fold(run_dir, queue.pop(0), k, device, resume, command, env)
+                    console.print(f"fold {running[slot][0]}: started on {device} (log {running[slot][3]})")
             time.sleep(poll_s)
-            for device, (fold, proc, handle, log) in list(running.items()):
+            for slot, (fold, proc, handle, log) in list(running.items()):
                 if proc.poll() is None:
                     continue
                 handle.close()
-                del running[device]
+                del running[slot]
+                device = devices[slot]
                 if proc.returncode == 0:
                     console.print(f"fold {fold}: finished on {device}")
                 else:
                     failed.append(f"fold {fold} on {device} (exit {proc.returncode}, see {log})")
     finally:
-        for _fold, proc, handle, _log in running.values():
+        for _fold, proc, handle, _log in running.values():  # interrupted: stop the folds we started
             proc.terminate()
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
             handle.close()
     if failed:
         raise CVError("failed: " + "; ".join(failed))
@@ -228,9 +231,9 @@ def run_cv(cfg: ExperimentConfig, run_dir: Path, *, k: int, resume: bool = False
         for fold in todo:
             train_fold(cfg, fold, run_dir, k=k, resume=resume, console=console)
     summary = summarize(run_dir, k, method=cfg.evaluation.tune_thresholds)
-    console.print(f"CV macro AUROC {summary['auroc_macro']} over {summary['valid_folds']}/{k} folds; "
-                  f"pooled OOF AUROC {_fmt(summary['oof']['auroc_macro'])}; summary in "
-                  f"{run_dir / 'results' / 'cv_summary.json'}")
+    pooled = summary["oof"]["auroc_macro"]
+    console.print(f"CV macro AUROC {summary['auroc_macro']} over {summary['valid_folds']}/{k} folds; pooled "
+                  f"OOF AUROC {'n/a' if pooled is None else f'{pooled:.4f}'}; {run_dir / 'results'}")
     return summary
 
 
@@ -286,17 +289,15 @@ def read_fold_outputs(results: Path, folds: Sequence[int]) -> OOF:
         names += pred_names
         fold_ids.append(np.full(len(pred_names), f))
         probs.append(p)
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise CVError(f"{results}: volume {name} is held out in more than one fold")
-        seen.add(name)
+    twice = [name for name, count in Counter(names).items() if count > 1]
+    if twice:
+        raise CVError(f"{results}: volume {twice[0]} is held out in more than one fold")
     return OOF(names, np.concatenate(fold_ids), list(label_names or []), np.concatenate(probs),
                np.concatenate(labels).astype(np.uint8))
 
 
 def _write_csv(path: Path, header: list[str], rows: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp(path)
     with tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
@@ -309,17 +310,13 @@ def write_oof(results: Path, oof: OOF) -> None:
     (the labels-CSV shape), so `cttrain evaluate` can score the pooled predictions."""
     rows = zip(oof.volume_names, oof.folds, oof.probs, oof.labels, strict=True)
     _write_csv(results / "oof_predictions.csv", ["VolumeName", "fold", *oof.label_names],
-               [[v, int(f), *(f"{x:.8g}" for x in p)] for v, f, p, _ in rows])
+               [[v, int(f), *(f"{x:.9g}" for x in p)] for v, f, p, _ in rows])
     rows = zip(oof.volume_names, oof.labels, strict=True)
     _write_csv(results / "oof_labels.csv", ["VolumeName", *oof.label_names],
                [[v, *(int(x) for x in y)] for v, y in rows])
 
 
 # ---------------------------------------------------------------------------------- summaries
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.4f}"
 
 
 def _flat_metrics(metrics: dict) -> dict[str, float | None]:
@@ -344,16 +341,7 @@ def _mean_std(values: list[float | None]) -> dict[str, float | None]:
 
 
 def _human(stat: dict[str, float | None]) -> str:
-    if stat["mean"] is None:
-        return "n/a"
-    return f"{stat['mean']:.4f} ± {stat['std']:.4f}"
-
-
-def _threshold_method(run_dir: Path, method: str | None) -> str:
-    if method is not None:
-        return method
-    path = run_dir / "config.yaml"
-    return load_config(path).evaluation.tune_thresholds if path.exists() else "f1"
+    return "n/a" if stat["mean"] is None else f"{stat['mean']:.4f} ± {stat['std']:.4f}"
 
 
 def _fold_block(k: int, fold_json: dict, y: np.ndarray, p: np.ndarray, tuned: np.ndarray,
@@ -378,7 +366,9 @@ def summarize(run_dir: str | Path, k: int, method: str | None = None) -> dict:
     """
     run_dir = Path(run_dir)
     results = run_dir / "results"
-    method = _threshold_method(run_dir, method)
+    if method is None:
+        saved = run_dir / "config.yaml"
+        method = load_config(saved).evaluation.tune_thresholds if saved.exists() else "f1"
     done = [f for f in range(k) if fold_done(run_dir, f)]
     if not done:
         raise CVError(f"{results}: no finished fold (no fold_k.json); run `cttrain cv` first")

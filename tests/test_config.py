@@ -76,3 +76,9 @@ def test_saved_config_round_trips(tmp_path):
     cfg = load_config(CONFIGS / "default.yaml", overrides=["training.epochs=2"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_yaml_booleans_for_string_keys_mean_the_word():
+    assert load_config(None, overrides=["training.amp=off"]).training.amp == "off"
+    with pytest.raises(ConfigError, match="training.amp"):
+        load_config(None, overrides=["training.amp=yes"])
