@@ -3,7 +3,7 @@
 | node       | kind                           | meaning                                              |
 |------------|--------------------------------|------------------------------------------------------|
 | `images`   | uint8 (N, D, C, H, W)          | chunks of `chunk_slices` slices, one shard per volume |
-| `labels`   | uint8 (N, L)                   | 0/1 per label, one chunk per row                      |
+| `labels`   | uint8 (N, L)                   | 0/1 per label (one chunk: written once, at creation)  |
 | `folds`    | int8 (N,)                      | fold index, -1 before `make-folds`                    |
 | `written`  | bool (N,)                      | row finished and verified, one chunk per row          |
 | `source`   | str (N,)                       | source fingerprint of the row's file (resume check)   |
@@ -12,7 +12,7 @@
 Group attrs: `schema`, `volume_names`, `patient_ids`, `label_names`, `windows`, `preprocess`,
 `fingerprint` (DESIGN.md), plus `cache_version` and `layout`.
 
-Why this layout: every per-row array has one chunk per row, so parallel writers (`--workers`,
+Why this layout: every array a worker writes has one chunk per row, so parallel writers (`--workers`,
 `--shard I/N`) never write the same chunk file, and zarr's LocalStore writes each chunk file
 atomically (temporary file + rename): a `kill -9` leaves either the old or the new chunk. A row is
 marked `written` only after its images were read back and checked, so an interrupted row is simply
@@ -133,7 +133,8 @@ def create_store(path: str | Path, *, volume_names: Sequence[str], patient_ids: 
         chunks=(1, chunk_depth(d, cfg.chunk_slices), c, h, w), shards=(1, d, c, h, w),
         compressors=_compressors(cfg), fill_value=0, dimension_names=("volume", "slice", "window", "y", "x"),
     )
-    group.create_array("labels", shape=(n, len(label_names)), dtype="uint8", chunks=(1, len(label_names)),
+    # Labels are written once, here, so one chunk: opening a 50k-row store reads one file, not 50k.
+    group.create_array("labels", shape=(n, len(label_names)), dtype="uint8", chunks=(n, len(label_names)),
                        fill_value=0)[:] = labels
     group.create_array("folds", shape=(n,), dtype="int8", chunks=(n,), fill_value=-1)
     group.create_array("written", shape=(n,), dtype="bool", chunks=(1,), fill_value=False)

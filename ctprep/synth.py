@@ -59,7 +59,7 @@ class SynthError(ValueError):
     """Bad arguments to the generator."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ScanSpec:
     """Everything one scan shows; its reconstructions only resample it."""
 
@@ -86,6 +86,8 @@ class ScanSpec:
 
 @dataclass(frozen=True)
 class ReconSpec:
+    """One reconstruction of a scan: the first is sharp and noisy (lung kernel), the second smooth."""
+
     name: str        # VolumeName with .nii.gz
     slices: int
     slice_mm: float
@@ -99,11 +101,15 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed % 2**63, *keys]))
 
 
+def _check_scale(scale: str) -> None:
+    if scale not in SCALES:
+        raise SynthError(f"scale must be one of {sorted(SCALES)}, got '{scale}'")
+
+
 def make_scans(seed: int, patient: int, *, scale: str = "small",
                labels: Sequence[str] | None = None) -> list[ScanSpec]:
     """The 1-2 scans of one patient (deterministic in seed and patient)."""
-    if scale not in SCALES:
-        raise SynthError(f"scale must be one of {sorted(SCALES)}, got '{scale}'")
+    _check_scale(scale)
     allowed = set(RENDERED if labels is None else labels) & set(RENDERED)
     prng = _rng(seed, patient)
     anatomy = draw_anatomy(prng)
@@ -136,8 +142,10 @@ def _scan_geometry(rng: np.random.Generator, scale: str, patient: int, scan: str
                     rng.uniform(-400, -100), n, pixel_mm, z_range, sex, age)
 
 
-def make_recons(scan: ScanSpec, seed: int, *, scale: str = "small", v1_fraction: float = 0.3) -> list[ReconSpec]:
+def make_recons(scan: ScanSpec, seed: int, *, scale: str = "small",
+                v1_fraction: float = 0.3) -> list[ReconSpec]:
     """The 1-2 reconstructions of a scan: same anatomy, own slice spacing, noise, kernel, storage."""
+    _check_scale(scale)
     _, _, (nz_lo, nz_hi), (mm_lo, mm_hi) = SCALES[scale]
     srng = _rng(seed, scan.patient, "ab".index(scan.scan) + 1, 99)
     extent = scan.z_range[1] - scan.z_range[0]
@@ -155,7 +163,7 @@ def make_recons(scan: ScanSpec, seed: int, *, scale: str = "small", v1_fraction:
     return out
 
 
-def recon_grid(scan: ScanSpec, recon: ReconSpec) -> tuple[Grid, tuple[float, float, float], tuple[float, ...]]:
+def recon_grid(scan: ScanSpec, recon: ReconSpec) -> tuple[Grid, tuple[float, ...], tuple[float, ...]]:
     """Grid (body-centred), reconstruction circle (cx, cy, r) and the LPS origin of the NIfTI."""
     n, s = scan.pixels, scan.pixel_mm
     scanner = (np.arange(n) - (n - 1) / 2) * s
@@ -213,8 +221,8 @@ def write_volume(path: Path, scan: ScanSpec, recon: ReconSpec) -> None:
     image.SetSpacing((scan.pixel_mm, scan.pixel_mm, recon.slice_mm))
     image.SetOrigin(recon_grid(scan, recon)[2])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part.nii.gz")
-    sitk.WriteImage(image, str(tmp), useCompression=True, compressionLevel=1)
+    tmp = path.with_name(f".{path.name}.part.nii.gz")  # a crash never leaves a half-written volume
+    sitk.WriteImage(image, str(tmp), useCompression=True)
     tmp.replace(path)
 
 
@@ -296,12 +304,10 @@ def _run_tasks(tasks: list, workers: int, progress: bool) -> None:
     with Progress(*columns, disable=not progress) as bar:
         job = bar.add_task("", total=len(tasks))
         if workers <= 1:
-            done = map(_write_task, tasks)
-        else:
-            # fork: workers inherit the imported modules and never re-run the CLI's __main__
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-            done = pool.map(_write_task, tasks, chunksize=2)
-        for name in done:
-            bar.update(job, advance=1, description=name)
-        if workers > 1:
-            pool.shutdown()
+            for name in map(_write_task, tasks):
+                bar.update(job, advance=1, description=name)
+            return
+        # fork: workers inherit the imported modules and never re-run the CLI's __main__
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            for name in pool.map(_write_task, tasks, chunksize=2):
+                bar.update(job, advance=1, description=name)

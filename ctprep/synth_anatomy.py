@@ -8,6 +8,7 @@ raise blood to 150-380 HU.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import numpy as np
 from ctprep.synth_geometry import Grid, Point, View, ellipsoid_xyz, smoothstep
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class Anatomy:
     """One patient's body (kept across that patient's scans)."""
 
@@ -30,8 +31,7 @@ class Anatomy:
     heart_angle: float
     aorta_r: float
     spine_r: float
-    bone_hu: float  # cancellous bone, lower with age
-    vessel_seed: int
+    bone_hu: float  # cancellous bone
     texture_seed: int
     airways: tuple[tuple[Point, Point, float, int], ...]  # p0, p1, lumen radius, generation
     vessels: np.ndarray  # (n, 7) pulmonary vessel segments: x0, y0, z0, x1, y1, z1, radius
@@ -78,6 +78,7 @@ class Anatomy:
 
 
 def draw_anatomy(rng: np.random.Generator) -> Anatomy:
+    """A random adult chest: size and build, organ sizes, bronchial and pulmonary vessel trees."""
     size = rng.uniform(0.85, 1.15)
     a, b = 160 * size * rng.uniform(0.92, 1.08), 115 * size * rng.uniform(0.9, 1.1)
     fat, muscle = rng.uniform(5, 28) * size, rng.uniform(8, 14)
@@ -85,10 +86,10 @@ def draw_anatomy(rng: np.random.Generator) -> Anatomy:
     heart_r = tuple(float(v) for v in np.array([60, 45, 50]) * size * rng.uniform(0.92, 1.08, 3))
     anat = Anatomy(size, a, b, fat, muscle, height, heart_r, -math.radians(rng.uniform(25, 45)),
                    rng.uniform(13, 17) * size, rng.uniform(17, 21) * size, rng.uniform(160, 300),
-                   int(rng.integers(2**31)), int(rng.integers(2**31)), (), np.zeros((0, 7)))
+                   int(rng.integers(2**31)), (), np.zeros((0, 7)))
     airways = _airway_tree(rng, anat)
     vessels = _vessel_tree(rng, Scene(anat, Contrast("none", 40, 40, 40, 55, 45)))
-    return Anatomy(**{**anat.__dict__, "airways": airways, "vessels": vessels})
+    return dataclasses.replace(anat, airways=airways, vessels=vessels)
 
 
 # Root directions of the pulmonary vessel trees (x is mirrored for the left lung).
@@ -101,9 +102,10 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 def _vessel_tree(rng: np.random.Generator, scene: Scene) -> np.ndarray:
-    """Pulmonary arteries and veins: from each hilum, seven roots that branch (one child continues,
-    one turns off) for seven generations, tapering 6 -> ~1 mm radius; branches that leave the lung
-    are pruned. Vectorised per generation; rows are (x0, y0, z0, x1, y1, z1, radius)."""
+    """Pulmonary arteries and veins: from each hilum, seven roots that branch for eight generations
+    (one child continues, one turns off thinner), tapering from ~4.5 mm radius to ~1 mm, bending
+    away from the hilum; branches that leave the lung are pruned. Vectorised per generation; rows
+    are (x0, y0, z0, x1, y1, z1, radius)."""
     an = scene.anatomy
     tips, dirs, hila = [], [], []
     for side in (-1, 1):
@@ -143,7 +145,8 @@ def _airway_tree(rng: np.random.Generator, an: Anatomy) -> tuple:
     return tuple(segs)
 
 
-def _branch(rng: np.random.Generator, segs: list, p0: Point, direction: np.ndarray, r: float, gen: int) -> None:
+def _branch(rng: np.random.Generator, segs: list, p0: Point, direction: np.ndarray, r: float,
+            gen: int) -> None:
     p1 = tuple(float(v) for v in np.add(p0, direction * rng.uniform(22, 34) * 0.88 ** (gen - 2)))
     segs.append((tuple(float(v) for v in p0), p1, r, gen))
     if gen == 5:
@@ -169,6 +172,7 @@ class Contrast:
 
 
 def draw_contrast(rng: np.random.Generator) -> Contrast:
+    """No contrast (45 %), arterial (30 %: bright aorta and left heart) or venous phase (25 %)."""
     phase = str(rng.choice(["none", "arterial", "venous"], p=[0.45, 0.3, 0.25]))
     u = rng.uniform(0, 1, 5)
     if phase == "arterial":

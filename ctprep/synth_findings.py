@@ -1,14 +1,16 @@
 """Findings for `ctprep synth`: one draw and one paint function per CT-RATE label.
 
 Geometry is drawn once per patient and label (so a finding stays in place across that patient's
-scans) and used only where the scan's label is 1. Sizes and HU follow the radiological description
-of each finding (Fleischner Society glossary, Hansell et al., Radiology 2008): nodule 10-25 mm solid
-~30 HU; ground glass -650..-450 HU with vessels still visible; consolidation ~30 HU hiding vessels but
+scans) and used only where the scan's label is 1. Shapes follow the definitions of the Fleischner
+Society glossary (Hansell et al., "Fleischner Society: glossary of terms for thoracic imaging",
+Radiology 2008); HU values are typical CT values chosen here: solid nodule 10-25 mm, 10-50 HU;
+ground glass -640..-450 HU with vessels still visible; consolidation 20-45 HU hiding the vessels but
 keeping air bronchograms; emphysema -990..-965 HU without vessels; mosaic attenuation as sharply
-bounded lobular patches of higher and lower attenuation; septal thickening as a fine peripheral
-polygonal network; plate atelectasis as dense bands; pleural effusion as a dependent fluid crescent
-(5-20 HU); calcifications 450-1100 HU; metal 2500-3071 HU. Every finding is at least a few mm in
-every direction, so it survives resampling to ~3-4 mm voxels.
+bounded lobular patches of higher and lower attenuation; septal thickening as a peripheral polygonal
+network; plate atelectasis as dense bands; pleural effusion as a dependent fluid crescent (5-20 HU);
+calcifications 500-1100 HU; metal 900-3071 HU. Every finding spans several millimetres in every
+direction (small bright ones are stretched to one slice and dimmed, as partial volume would), so it
+survives resampling to ~3-4 mm voxels.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def finding_hooks(flags: dict[str, int], params: dict[str, Any]) -> dict[str, li
 
 # --------------------------------------------------------------------------------------- helpers
 
-def _candidates(rng: np.random.Generator, an: Anatomy, zone: tuple[float, float], n: int = 24) -> np.ndarray:
+def _candidates(rng: np.random.Generator, an: Anatomy, zone: tuple[float, float], n: int = 96) -> np.ndarray:
     """n random points spread over both lungs between fractional heights `zone` (0 base, 1 apex)."""
     u = rng.random((n, 3))
     side = np.where(rng.random(n) < 0.5, -1.0, 1.0)
@@ -81,12 +83,16 @@ def _candidates(rng: np.random.Generator, an: Anatomy, zone: tuple[float, float]
     return np.stack([side * an.ac * (0.15 + 0.75 * u[:, 0]), an.bc * (-0.8 + 1.6 * u[:, 1]), z], axis=1)
 
 
-def _inside(scene: Scene, pts: np.ndarray, margin: float) -> list[Point]:
-    """Candidate points whose ball of radius `margin` (probed along the axes) lies in lung."""
-    offsets = np.concatenate([np.zeros((1, 3)), np.eye(3), -np.eye(3)]) * margin
-    probe = pts[:, None, :] + offsets[None]
-    ok = lung_inside(scene, probe[..., 0], probe[..., 1], probe[..., 2]).all(axis=1)
-    return [tuple(float(v) for v in p) for p in pts[ok]]
+def _inside(scene: Scene, pts: np.ndarray, margin: float, need: int) -> list[Point]:
+    """The first `need` candidates whose ball of radius `margin` (probed along the axes) lies in
+    lung; the margin shrinks when a small lung (big heart, effusion) leaves too few."""
+    for m in (margin, margin / 2, 0.0):
+        offsets = np.concatenate([np.zeros((1, 3)), np.eye(3), -np.eye(3)]) * m
+        probe = pts[:, None, :] + offsets[None]
+        ok = lung_inside(scene, probe[..., 0], probe[..., 1], probe[..., 2]).all(axis=1)
+        if ok.sum() >= need:
+            break
+    return [tuple(float(v) for v in p) for p in pts[ok][:need]]
 
 
 def _rotate(an_angle: float, u: float, w: float) -> tuple[float, float]:
@@ -153,13 +159,13 @@ def _paint_aortic_calc(p: np.ndarray, cv: Canvas) -> None:
 def _paint_coronary_calc(p: np.ndarray, cv: Canvas) -> None:
     """Spots along the LAD (anterior groove), RCA and LCx (atrioventricular groove) on the heart."""
     an, (c, r) = cv.scene.anatomy, cv.scene.heart()
-    for frac, _, rad, hu, vessel in p[: max(2, len(p) // 2)]:
+    for frac, _, rad, hu, vessel in p[: max(3, 2 * len(p) // 3)]:
         azimuth, elevation = [(-1.6 + 0.5 * frac, 0.7 - 1.1 * frac), (-2.0 - 1.4 * frac, 0.3),
                               (-0.7 + 1.4 * frac, 0.35)][int(vessel)]
         u = (r[0] + 1.5) * math.cos(elevation) * math.cos(azimuth)
         w = (r[1] + 1.5) * math.cos(elevation) * math.sin(azimuth)
         dx, dy = _rotate(an.heart_angle, u, w)
-        spot(cv, (c[0] + dx, c[1] + dy, c[2] + (r[2] + 1.5) * math.sin(elevation)), rad, hu * 0.9)
+        spot(cv, (c[0] + dx, c[1] + dy, c[2] + (r[2] + 1.5) * math.sin(elevation)), rad, hu)
 
 
 def _draw_hernia(rng: np.random.Generator, an: Anatomy) -> dict:
@@ -209,13 +215,14 @@ def _paint_nodes(p: list, cv: Canvas) -> None:
 
 def _draw_blobs(rng: np.random.Generator, an: Anatomy, zone: tuple[float, float], counts: list[int],
                 radius: tuple[float, float], hu: tuple[float, float]) -> dict:
-    return {"pts": _candidates(rng, an, zone), "n": int(rng.choice(counts)), "radii": rng.uniform(*radius, (3, 3)),
-            "hu": rng.uniform(*hu, 3), "seed": int(rng.integers(2**31))}
+    return {"pts": _candidates(rng, an, zone), "n": int(rng.choice(counts)),
+            "radii": rng.uniform(*radius, (3, 3)), "hu": rng.uniform(*hu, 3),
+            "seed": int(rng.integers(2**31))}
 
 
 def _paint_nodule(p: dict, cv: Canvas) -> None:
     """Solid, slightly lobulated nodules (a sphere plus an offset lobe), inside lung only."""
-    for k, c in enumerate(_inside(cv.scene, p["pts"], p["radii"][:, 0].max() + 3)[: p["n"]]):
+    for k, c in enumerate(_inside(cv.scene, p["pts"], p["radii"][:, 0].max() + 3, p["n"])):
         r = p["radii"][k][0]
         got = cv.local(c, (r + 2, r + 2, r + 2))
         if got is not None:
@@ -232,7 +239,7 @@ def _irregular(cv: Canvas, p: dict, k: int, c: Point, loc: tuple, v: View) -> np
 
 def _paint_ggo(p: dict, cv: Canvas) -> None:
     """Ground-glass patches with irregular margins; parenchyma only, so vessels stay visible."""
-    for k, c in enumerate(_inside(cv.scene, p["pts"], 8.0)[: p["n"]]):
+    for k, c in enumerate(_inside(cv.scene, p["pts"], 8.0, p["n"])):
         got = cv.local(c, tuple(p["radii"][k] * 1.4))
         if got is not None:
             v, loc = got
@@ -242,7 +249,7 @@ def _paint_ggo(p: dict, cv: Canvas) -> None:
 def _paint_consolidation(p: dict, cv: Canvas) -> None:
     """Airspace consolidation hiding the vessels, with branching air bronchograms inside."""
     blood = 0.2 * (cv.scene.contrast.aorta - 40)
-    for k, c in enumerate(_inside(cv.scene, p["pts"], 10.0)[: p["n"]]):
+    for k, c in enumerate(_inside(cv.scene, p["pts"], 10.0, p["n"])):
         got = cv.local(c, tuple(p["radii"][k] * 1.4))
         if got is not None:
             v, loc = got
@@ -263,7 +270,7 @@ def _draw_atelectasis(rng: np.random.Generator, an: Anatomy) -> dict:
 
 def _paint_atelectasis(p: dict, cv: Canvas) -> None:
     """Plate (discoid) atelectasis: dense bands 6-11 mm thick, 5-9 cm long, in the lower lungs."""
-    for k, c in enumerate(_inside(cv.scene, p["pts"], 8.0)[: p["n"]]):
+    for k, c in enumerate(_inside(cv.scene, p["pts"], 8.0, p["n"])):
         radius, n = p["radii"][k][0], p["normals"][k]
         got = cv.local(c, (radius, radius, radius))
         if got is not None:
@@ -290,12 +297,13 @@ def _paint_effusion(p: dict, cv: Canvas) -> None:
 
 
 def _draw_fibrosis(rng: np.random.Generator, an: Anatomy) -> dict:
-    n = 24
+    n = 48
     psi, rho = rng.uniform(0, 2 * math.pi, n), rng.uniform(0.75, 0.92, n)
     z = an.z_bot + (an.z_top - an.z_bot) * rng.uniform(0.45, 0.92, n)
     pts = np.stack([rho * an.ac * np.cos(psi), rho * an.bc * np.sin(psi), z], axis=1)
-    return {"pts": pts, "n": int(rng.integers(4, 9)), "len": rng.uniform(25, 55, n), "r": rng.uniform(3.0, 4.5, n),
-            "hu": rng.uniform(-50, 40, n), "jitter": rng.normal(0, 0.35, (n, 3))}
+    return {"pts": pts, "n": int(rng.integers(4, 9)), "len": rng.uniform(25, 55, n),
+            "r": rng.uniform(3.0, 4.5, n), "hu": rng.uniform(-50, 40, n),
+            "jitter": rng.normal(0, 0.35, (n, 3))}
 
 
 def _paint_fibrosis(p: dict, cv: Canvas) -> None:

@@ -74,7 +74,7 @@ _FIELD_LO = (-470.0, -350.0, -350.0)  # lattice extent (z, y, x) mm: covers ever
 _FIELD_HI = (370.0, 350.0, 350.0)
 
 
-@functools.lru_cache(maxsize=24)
+@functools.lru_cache(maxsize=16)  # the fields of one scan, reused by its reconstructions
 def _lattice(seed: int, cell: float) -> np.ndarray:
     shape = [int((hi - lo) // cell) + 1 for lo, hi in zip(_FIELD_LO, _FIELD_HI, strict=True)]
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)

@@ -2,7 +2,8 @@
 
 Order (later paint wins): table, body wall, mediastinal fat, abdomen below the diaphragm, lungs
 (parenchyma -> `parenchyma` hooks -> vessels), airways, `lung` hooks, heart and great vessels,
-bones, `final` hooks, then the reconstruction circle. The geometry lives in `synth_anatomy`.
+bones, `final` hooks. Noise, the reconstruction kernel and the reconstruction circle are added by
+`synth.render_hu`; the geometry lives in `synth_anatomy` and `synth_geometry`.
 """
 
 from __future__ import annotations
@@ -48,11 +49,12 @@ class Canvas:
         v = self.grid.block(center, half)
         if v is None or self.lv is None:
             return None
-        sl = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(v.sl, self.lv.sl, strict=True))
+        pairs = list(zip(v.sl, self.lv.sl, strict=True))
+        sl = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in pairs)
         if any(s.stop <= s.start for s in sl):
             return None
-        return self.grid.view(*sl), tuple(slice(s.start - b.start, s.stop - b.start)
-                                          for s, b in zip(sl, self.lv.sl, strict=True))
+        local = tuple(slice(s.start - b.start, s.stop - b.start) for s, (_, b) in zip(sl, pairs, strict=True))
+        return self.grid.view(*sl), local
 
     def lung_full(self) -> np.ndarray:
         """Full-size lung mask (for painting tubes that must stay inside the lung)."""
@@ -259,7 +261,7 @@ def _spine(cv: Canvas) -> None:
     cv.vol[:, body] = np.where(disc[:, None], 80.0, np.where(cortex[None, :], 750.0, an.bone_hu))
     yc = an.y_spine + rv + 9
     dc2 = x**2 + (y - yc) ** 2
-    lamina = (dc2 < 13**2) & (y > yc - 4) | ((np.abs(x) < 4) & (y > yc) & (y < yc + 32))
+    lamina = ((dc2 < 13**2) & (y > yc - 4)) | ((np.abs(x) < 4) & (y > yc) & (y < yc + 32))
     cv.vol[:, lamina] = 600.0
     cv.vol[:, dc2 < 8**2] = 15.0
 

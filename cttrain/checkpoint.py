@@ -10,8 +10,9 @@ crash (even `kill -9`) leaves either the previous checkpoint or the new one, nev
 
 Keys of every checkpoint: `format`, `model` (the weights to evaluate with: the EMA weights when
 EMA is on), `config` (the resolved ExperimentConfig as a dict), `label_names`, `in_channels`,
-`fold`, `k`, `epoch` (epochs completed). `last.ckpt` adds `train_state` (raw weights, optimizer,
-schedule, grad scaler, EMA, RNG states, best scores and the early-stopping counter).
+`channels` (window names), `fold`, `k`, `epoch` (epochs completed). `last.ckpt` adds `train_state`
+(raw weights, optimizer, schedule, grad scaler, EMA, RNG states, best scores and the early-stopping
+counter).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -78,18 +80,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: refused to load: the file holds objects other than tensors and plain "
-                              f"containers (tampered, or not a cttrain checkpoint) [{reason[:160]}]") from None
+        raise CheckpointError(f"{path}: refused to load: the file holds objects other than tensors and "
+                              f"plain containers (tampered, or not a cttrain checkpoint){_unsafe_global(exc)}"
+                              ) from None
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/EOFError/... for damaged files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: unreadable checkpoint (corrupt or truncated): {reason[:160]}") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint (corrupt or truncated): {reason[:160]}"
+                              ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cttrain checkpoint (expected format {FORMAT!r})")
     missing = [key for key in ("model", "config", "label_names", "in_channels", "epoch") if key not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
     return ckpt
+
+
+def _unsafe_global(exc: Exception) -> str:
+    """The object torch's weights-only unpickler refused (e.g. `GLOBAL io.open`), when it says so."""
+    match = re.search(r"Unsupported global: (GLOBAL [\w.]+)", str(exc))
+    return f": it names {match.group(1)}" if match else ""
 
 
 # ---------------------------------------------------------------------------------------- RNG state
@@ -113,7 +122,7 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     py = state["python"]
     random.setstate((int(py["version"]), tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
     npy = state["numpy"]
-    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), int(npy["pos"]),
+    np.random.set_state(("MT19937", npy["keys"].cpu().numpy().astype(np.uint32), int(npy["pos"]),
                          int(npy["has_gauss"]), float(npy["cached_gaussian"])))
     torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda")
@@ -151,7 +160,8 @@ def resume_differences(ckpt: Mapping[str, Any], path: str | Path, cfg: Mapping[s
     if (ckpt.get("fold"), ckpt.get("k")) != (fold, k):
         problems.append(f"fold {ckpt.get('fold')}/{ckpt.get('k')} -> {fold}/{k}")
     if problems:
-        raise CheckpointError(f"{path}: cannot resume with a different model/data setup: {'; '.join(problems)}")
+        raise CheckpointError(f"{path}: cannot resume with a different model/data setup: "
+                              f"{'; '.join(problems)}")
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(changed - set(hard))
             if key not in _SOFT_IGNORED]
 
@@ -162,7 +172,7 @@ def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "c
     """Rebuild the model a checkpoint was trained with and load its (EMA, when used) weights.
 
     Returns `(model in eval mode on device, config dict)`; the model also carries `label_names`,
-    `in_channels` and `channels` (window names, [] = all in the store) for the caller."""
+    `in_channels` and `channels` (the store windows it was trained on, by name) for the caller."""
     from ctprep.config import ConfigError, build
     from cttrain.config import ExperimentConfig
     from cttrain.models import build_model
@@ -179,5 +189,5 @@ def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "c
         raise CheckpointError(f"{path}: weights do not fit the model: {str(exc).splitlines()[0]}") from None
     model.label_names = list(ckpt["label_names"])
     model.in_channels = int(ckpt["in_channels"])
-    model.channels = list(cfg.data.channels)
+    model.channels = list(ckpt.get("channels", cfg.data.channels))
     return model.to(device).eval(), dict(ckpt["config"])

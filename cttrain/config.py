@@ -6,9 +6,10 @@ Resolution order: dataclass defaults < YAML < `--set section.key=value` < explic
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ctprep.config import (
     ConfigError,

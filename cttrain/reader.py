@@ -61,27 +61,31 @@ class StoreReader:
     def read(self, row: int, slice_idx: np.ndarray) -> np.ndarray:
         """uint8 (K, C, H, W): slices `slice_idx` (any order, repeats allowed) of volume `row`.
 
-        The span [min, max] is read in one call and indexed in memory: the chunks a window of
-        slices touches are the chunks of its span, and one call costs one shard-index lookup.
-        When the requested slices are sparse (an evaluation sample spread over a deep volume),
-        only the chunks that hold them are read."""
+        Only the chunks holding the requested slices are decoded. Each run of consecutive chunks
+        is read in one call (a training window is one run: its span [min, max]); a sparse
+        request (a few slices spread over a deep volume) reads its chunks run by run instead of
+        decoding the whole span. zarr's `oindex` would do the same selection but measured ~20x
+        slower on sharded arrays (zarr 3.1)."""
         idx = np.asarray(slice_idx, dtype=np.int64).reshape(-1)
         if idx.size == 0:
             raise ValueError("read() needs at least one slice index")
         if not 0 <= row < self.n:
             raise IndexError(f"{self.path}: row {row} out of range [0, {self.n})")
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= self.depth:
+        if idx.min() < 0 or idx.max() >= self.depth:
             raise IndexError(f"{self.path}: slice index out of range [0, {self.depth}) for row {row}")
-        arr = self._array()
-        chunks_needed = np.unique(idx // self.chunk_slices).size
-        chunks_in_span = hi // self.chunk_slices - lo // self.chunk_slices + 1
-        if chunks_needed == chunks_in_span:
-            block = np.asarray(arr[row, lo:hi + 1])
-            out = block[idx - lo]
-        else:
-            uniq, inverse = np.unique(idx, return_inverse=True)
-            out = np.asarray(arr.oindex[row, uniq])[inverse]
+        arr, cs = self._array(), self.chunk_slices
+        chunks = np.unique(idx // cs)
+        breaks = np.flatnonzero(np.diff(chunks) > 1) + 1
+        parts, offsets = [], np.zeros(self.depth, dtype=np.int64)
+        done = 0
+        for run in np.split(chunks, breaks):
+            lo, hi = int(run[0]) * cs, min((int(run[-1]) + 1) * cs, self.depth)
+            lo, hi = max(lo, int(idx[idx >= lo].min())), int(idx[idx < hi].max()) + 1
+            parts.append(np.asarray(arr[row, lo:hi]))
+            offsets[lo:hi] = done + np.arange(hi - lo)
+            done += hi - lo
+        block = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        out = block[offsets[idx]]
         if not self._all_channels:
             out = out[:, self.channel_index]
         return np.ascontiguousarray(out)
