@@ -57,15 +57,23 @@ def synth(
     seed: Annotated[int, typer.Option(help="Random seed: same seed, same dataset.")] = 0,
     scale: Annotated[str, typer.Option(help="small (demo/tests) or ctrate (512x512, 200-300 slices, for benchmarks).")] = "small",
     v1_fraction: Annotated[float, typer.Option(help="Fraction of volumes stored as CT-RATE v1 raw values.")] = 0.3,
+    labels: Annotated[Optional[str], typer.Option(help="Comma-separated label names to render (default: all 18); the others stay 0.")] = None,
 ) -> None:
     """Synthesize chest CT with learnable findings in the exact CT-RATE layout."""
+    from ctprep.naming import LABEL_NAMES
     from ctprep.synth import synthesize
+
+    chosen = [name.strip() for name in labels.split(",") if name.strip()] if labels else None
+    unknown = [name for name in chosen or () if name not in LABEL_NAMES]
+    if unknown:
+        _fail(ValueError(f"--labels: unknown label '{unknown[0]}'; labels are: {', '.join(LABEL_NAMES)}"))
 
     if patients < 1:
         _fail(ValueError("--patients must be >= 1"))
     if scale not in ("small", "ctrate"):
         _fail(ValueError(f"--scale must be small or ctrate, got '{scale}'"))
-    summary = synthesize(out_dir, patients, seed, scale=scale, v1_fraction=v1_fraction, progress=True)
+    summary = synthesize(out_dir, patients, seed, scale=scale, v1_fraction=v1_fraction, progress=True,
+                         labels=chosen)
     console.print(f"[green]wrote[/green] {summary.get('volumes', '?')} volumes of "
                   f"{summary.get('patients', patients)} patients to {out_dir}")
 

@@ -41,6 +41,7 @@ class ModelConfig:
     pretrained: bool = False     # ImageNet weights from torchvision (needs them in the torch cache)
     attention: str = "cbam"      # none | se | cbam, inserted after backbone stages
     attention_reduction: int = 16
+    global_pool: str = "avg"     # in-slice pooling of backbone maps: avg | max | avgmax
     pooling: str = "attention"   # attention (gated attention-MIL) | mean | max
     attention_hidden: int = 128  # hidden size of the attention-pooling MLP
     dropout: float = 0.3         # head dropout at the end of the dropout schedule
@@ -133,6 +134,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "augment.backend": ("torch", "albumentations"),
     "model.attention": ("none", "se", "cbam"),
     "model.pooling": ("attention", "mean", "max"),
+    "model.global_pool": ("avg", "max", "avgmax"),
     "loss.name": ("focal", "asl", "bce"),
     "training.amp": ("auto", "bf16", "fp16", "off"),
     "evaluation.tune_thresholds": ("f1", "youden", "crg", "none"),

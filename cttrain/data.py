@@ -155,14 +155,16 @@ def _sampler(dataset: VolumeDataset, *, train: bool, seed: int, epoch: int, rank
     return None
 
 
-def _worker_init(_worker_id: int) -> None:
-    # Each worker is one of several processes: OpenCV's own thread pool would oversubscribe cores.
-    try:
-        import cv2
+def _single_thread_opencv() -> None:
+    """Put OpenCV in this (parent) process at one thread before forking loader workers.
 
-        cv2.setNumThreads(1)
-    except ImportError:  # pragma: no cover - opencv is a dependency, but the torch path needs none
-        pass
+    A forked worker must never enter a thread pool the parent had started: OpenCV's then deadlocks
+    (seen here: `cv2.setNumThreads` in a worker after the parent had run CLAHE). With the parent at one
+    thread, workers inherit that setting and run OpenCV (albumentations) serially, which is also what
+    N worker processes on N cores want."""
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
 def worker_context() -> str | None:
@@ -184,8 +186,9 @@ def make_loader(dataset: VolumeDataset, batch_size: int, *, train: bool, seed: i
     workers = max(0, int(num_workers))
     extra = {}
     if workers > 0:
-        extra = {"prefetch_factor": max(1, int(prefetch)), "worker_init_fn": _worker_init,
-                 "multiprocessing_context": worker_context(), "persistent_workers": False}
+        _single_thread_opencv()
+        extra = {"prefetch_factor": max(1, int(prefetch)), "multiprocessing_context": worker_context(),
+                 "persistent_workers": False}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                       pin_memory=bool(pin_memory) and torch.cuda.is_available(), drop_last=drop_last,
                       **extra)

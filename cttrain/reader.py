@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ctprep.config import ConfigError
 from ctprep.folds import FoldError
 from ctprep.store import open_store
 
@@ -105,7 +106,8 @@ def _select_channels(path: str | Path, windows: list[str], channels: Sequence[st
         return list(windows), list(range(len(windows)))
     unknown = [c for c in channels if c not in windows]
     if unknown:
-        raise ValueError(f"{path}: unknown channel {unknown[0]!r}; the store's windows are {', '.join(windows)}")
+        raise ConfigError(f"data.channels: unknown channel {unknown[0]!r}; the store {path} has windows "
+                          f"{', '.join(windows)}")
     return list(channels), [windows.index(c) for c in channels]
 
 

@@ -89,3 +89,17 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, dataset):
                                  "--out", str(tmp_path / "x.zarr"), "--set", "preprocess.spacin=[1,1,1]"])
     assert result.exit_code == 2 and "did you mean 'spacing'" in result.output
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_synth_renders_only_the_chosen_labels(tmp_path):
+    import csv
+
+    result = runner.invoke(app, ["synth", str(tmp_path), "--patients", "3", "--seed", "1",
+                                 "--labels", "Cardiomegaly, Lung nodule"])
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "multi_abnormality_labels" / "train_predicted_labels.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    others = [name for name in LABEL_NAMES if name not in ("Cardiomegaly", "Lung nodule")]
+    assert all(row[name] == "0" for row in rows for name in others)
+    result = runner.invoke(app, ["synth", str(tmp_path / "x"), "--labels", "Lung nodules"])
+    assert result.exit_code == 2 and "unknown label 'Lung nodules'" in result.output

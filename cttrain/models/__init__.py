@@ -31,6 +31,7 @@ def build_model(cfg: ModelConfig, in_channels: int, num_labels: int,
     if cfg.attention not in ATTENTION:
         raise ValueError(f"unknown attention '{cfg.attention}'; choose one of {', '.join(ATTENTION)}")
     backbone = build_backbone(cfg.backbone, in_channels, cfg.pretrained, cfg.tiny_width)
+    backbone.set_global_pool(cfg.global_pool)
     if cfg.attention != "none":
         backbone.set_attention(lambda ch: build_attention(cfg.attention, ch, cfg.attention_reduction))
     pool = build_pooling(cfg.pooling, backbone.num_features, cfg.attention_hidden)

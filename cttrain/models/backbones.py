@@ -68,6 +68,9 @@ def input_stats(in_channels: int, pretrained: bool) -> tuple[list[float], list[f
     return [mean] * in_channels, [std] * in_channels
 
 
+GLOBAL_POOLS: tuple[str, ...] = ("avg", "max", "avgmax")
+
+
 class StagedBackbone(nn.Module):
     """stem -> stages (each followed by an attention slot) -> pre_pool -> global average -> post_pool.
 
@@ -85,6 +88,7 @@ class StagedBackbone(nn.Module):
         self.post_pool = post_pool if post_pool is not None else nn.Identity()
         self.in_channels = in_channels
         self.pretrained = pretrained
+        self.global_pool = "avg"
         self.stage_channels, self.num_features = self._probe_widths(in_channels)
 
     @torch.no_grad()
@@ -106,9 +110,22 @@ class StagedBackbone(nn.Module):
         """Put `factory(stage_channels)` after every stage."""
         self.attn = nn.ModuleList(factory(ch) for ch in self.stage_channels)
 
+    def set_global_pool(self, kind: str) -> None:
+        """avg (the usual), max, or avgmax = (avg + max) / 2 (as timm's `avgmax`): a small bright
+        finding (a nodule, a calcification, metal) moves the max far more than the average."""
+        if kind not in GLOBAL_POOLS:
+            raise ValueError(f"unknown global_pool '{kind}'; choose one of {', '.join(GLOBAL_POOLS)}")
+        self.global_pool = kind
+
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pre_pool(x)
-        return self.post_pool(x.mean(dim=(2, 3), keepdim=True)).flatten(1)
+        if self.global_pool == "avg":
+            pooled = x.mean(dim=(2, 3), keepdim=True)
+        elif self.global_pool == "max":
+            pooled = x.amax(dim=(2, 3), keepdim=True)
+        else:
+            pooled = 0.5 * (x.mean(dim=(2, 3), keepdim=True) + x.amax(dim=(2, 3), keepdim=True))
+        return self.post_pool(pooled).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

@@ -1,0 +1,104 @@
+"""Smoke test of the benchmarks: each script's smallest mode runs end to end and keeps its output
+contract (with --json the LAST stdout line is the JSON object, also written to <out>/<name>.json).
+
+Small generated volumes (`--scale small`), one volume, a step or two: numbers are not checked,
+only that every key a reader (run_all, BENCHMARKS.md, the issue's check) relies on is there and sane.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+
+LOADER_KEYS = {"cached_volumes_per_s", "onthefly_volumes_per_s", "speedup", "workers", "shape"}
+BUILD_KEYS = {"decode_s", "build_w1_s", "build_w2_s", "noop_s", "build_over_decode", "store_bytes",
+              "source_bytes", "store_over_source", "stages_s", "write_s"}
+
+
+def run_bench(name: str, tmp: Path, *extra: str) -> dict:
+    out = tmp / "results"
+    cmd = [sys.executable, str(BENCH / f"{name}.py"), "--json", "--out", str(out),
+           "--data", str(tmp / "data"), "--device", "cpu", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-3000:]}\n{proc.stdout[-2000:]}"
+    last = proc.stdout.rstrip("\n").splitlines()[-1]
+    result = json.loads(last)
+    assert json.loads((out / f"{name}.json").read_text()) == result
+    return result
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    return {}
+
+
+def test_build_cache(work: Path, results: dict) -> None:
+    r = run_bench("build_cache", work, "--scale", "small", "--volumes", "1", "--repeats", "1",
+                  "--config", str(REPO / "configs" / "demo.yaml"))
+    assert set(r) >= BUILD_KEYS
+    assert r["volumes"] == 1 and r["data"]["scale"] == "small"
+    assert r["build_over_decode"] == pytest.approx(r["build_w1_s"] / r["decode_s"], rel=0.01)
+    assert r["store_bytes"] > 0 and r["source_bytes"] > 0
+    assert "read" in r["stages_s"]
+    results["build_cache"] = r
+
+
+def test_loader(work: Path, results: dict) -> None:
+    r = run_bench("loader", work, "--scale", "small", "--volumes", "1", "--epochs", "1", "--workers", "0",
+                  "--batch-size", "1", "--config", str(REPO / "configs" / "demo.yaml"))
+    assert set(r) >= LOADER_KEYS
+    assert r["workers"] == 0
+    assert r["shape"] == [20, 3, 96, 96]  # demo: K = 20 slices, 3 windows, 96 x 96
+    assert r["onthefly"]["shape"] == r["cached"]["shape"] == r["shape"]
+    assert r["speedup"] == pytest.approx(r["cached_volumes_per_s"] / r["onthefly_volumes_per_s"], rel=0.01)
+    assert r["cached_volumes_per_s"] > 0 and r["onthefly_volumes_per_s"] > 0
+    assert {"read", "clahe", "albumentations"} <= set(r["stages"]["onthefly_ms"])
+    assert {"store_read", "device_augment"} <= set(r["stages"]["cached_ms"])
+    results["loader"] = r
+
+
+def test_augment(work: Path, results: dict) -> None:
+    r = run_bench("augment", work, "--sets", "demo", "--seconds", "0.01")
+    rows = r["sets"]["demo"]["volumes_per_s"]
+    alone = {f"{t} alone" for t in ("affine", "elastic", "blur", "intensity", "noise")}
+    assert set(rows) == {"config mix", *alone}
+    assert all(v["albumentations_cpu"] > 0 and v["device_cpu"] > 0 for v in rows.values())
+    assert r["sets"]["demo"]["shape"] == [8, 20, 3, 96, 96]
+    results["augment"] = r
+
+
+def test_train_step(work: Path, results: dict) -> None:
+    r = run_bench("train_step", work, "--scale", "small", "--volumes", "1", "--steps", "2",
+                  "--set", "data.batch_size=2", "--threads", "1")
+    run = r["runs"]["demo_cpu"]
+    assert run["steps"] == 2 and run["volumes"] == 4
+    assert run["slices_per_s"] > 0 and 0 <= run["data_wait_frac"] <= 1
+    assert run["backbone"] == "tiny" and run["device"] == "cpu"
+    assert "default_cuda_compile_off" not in r["runs"]  # --device cpu: the GPU path is skipped
+    results["train_step"] = r
+
+
+def test_run_all_summary(results: dict) -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import run_all
+    finally:
+        sys.path.remove(str(BENCH))
+    if set(results) != set(run_all.SCRIPTS):
+        pytest.skip("needs the results of the four benchmark tests above")
+    names = [row[0] for row in run_all.summarise(results)]
+    assert "loader: cached / on the fly" in names
+    assert "build-cache -j1 / bare decode" in names
+    assert any(n.startswith("train demo_cpu") for n in names)
