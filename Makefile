@@ -2,6 +2,8 @@
 # Each target installs what it needs first, so on a fresh machine it is the whole set-up.
 
 PYTHON ?= python3
+# Text files are UTF-8 whatever the locale (summaries hold "±").
+export PYTHONUTF8 := 1
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The stamp is keyed by pyproject.toml: editing the dependencies re-runs the install.

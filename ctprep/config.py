@@ -177,7 +177,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read an experiment YAML with `yaml.safe_load` (python tags are refused)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
     try:

@@ -117,7 +117,7 @@ def folds_from_file(path: Path, volume_names: Sequence[str], patient_ids: Sequen
 
 def _read_fold_lists(path: Path) -> dict[int, list[str]]:
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise FoldError(f"cannot read fold file {path}: {exc.strerror or exc}") from None
     if Path(path).suffix.lower() == ".csv":
@@ -187,7 +187,7 @@ def make_folds(store_path: str | Path, *, k: int, seed: int, from_file: Path | N
     folds_json = folds_json_path(store_path)
     if folds_json is not None:
         tmp = folds_json.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(fold_lists(names, folds), indent=1))
+        tmp.write_text(json.dumps(fold_lists(names, folds), indent=1), encoding="utf-8")
         tmp.replace(folds_json)
         meta["folds_json"] = str(folds_json)
     store.write_folds(folds, meta)

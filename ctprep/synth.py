@@ -240,7 +240,7 @@ def _metadata_row(scan: ScanSpec, recon: ReconSpec) -> list[str]:
 
 def _write_csv(path: Path, header: Sequence[str], rows: list[list[str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)

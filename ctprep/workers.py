@@ -43,20 +43,40 @@ class Task:
     rewrite: bool      # the row was written before (its source changed)
 
 
-def preprocess(cfg: PreprocessConfig, task: Task) -> Any:
-    """The pipeline's PreprocessResult, or a failure Result naming the stage."""
-    from ctprep import pipeline
-    from ctprep.io import VolumeReadError
+def read(task: Task) -> Any:
+    """(image, seconds) for a task's file, or a failure Result naming the read stage."""
+    from ctprep.io import VolumeReadError, read_volume
 
+    start = time.perf_counter()
     try:
-        return pipeline.preprocess_volume(Path(task.path), cfg, task.meta)
+        return read_volume(Path(task.path)), time.perf_counter() - start
     except VolumeReadError as exc:
         return ("fail", task.row, "read", str(exc))
+    except MemoryError:
+        return ("fail", task.row, "read", "out of RAM (MemoryError) while reading; use fewer --workers")
+    except Exception as exc:  # noqa: BLE001 - one bad volume must not stop the build
+        return ("fail", task.row, "read", _describe(exc))
+
+
+def preprocess(cfg: PreprocessConfig, task: Task, loaded: Any = None) -> Any:
+    """The pipeline's PreprocessResult, or a failure Result naming the stage. `loaded` is what
+    `read(task)` returned when the read already happened (the inline read-ahead); else it reads."""
+    from ctprep import pipeline
+
+    loaded = read(task) if loaded is None else loaded
+    if isinstance(loaded, tuple) and isinstance(loaded[0], str):
+        return loaded
+    image, read_s = loaded
+    try:
+        result = pipeline.preprocess_image(image, cfg, task.meta)
     except MemoryError:
         return ("fail", task.row, "preprocess", "out of RAM (MemoryError) while preprocessing; "
                 "use fewer --workers")
     except Exception as exc:  # noqa: BLE001 - one bad volume must not stop the build
         return ("fail", task.row, "preprocess", _describe(exc))
+    result.info["source"]["path"] = task.path
+    result.info["timings"] = {"read": round(read_s, 4), **result.info["timings"]}
+    return result
 
 
 def write(store: CacheStore, task: Task, result: Any) -> Result:
@@ -78,15 +98,22 @@ def process(store: CacheStore, cfg: PreprocessConfig, task: Task) -> Result:
 
 
 def _run_inline(tasks: list[Task], store: CacheStore, cfg: PreprocessConfig, on_result: Any) -> None:
-    """One process, two stages in flight: volume k is compressed and written (a thread; zarr and
-    blosc release the GIL) while volume k+1 is decoded, so the store's cost hides behind the decode.
-    At most one finished volume waits in memory."""
+    """One process, three stages in flight: volume k+1 is decoded (a thread) while volume k is
+    preprocessed and volume k-1 is compressed and written (another thread). gzip decoding is
+    single-threaded and SimpleITK releases the GIL while reading (so do zstd and OpenCV), so the
+    preprocessing and the store's cost hide behind the decode on a second core. At most one decoded
+    and one finished volume wait in memory besides the one being processed."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctprep-write") as writer:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctprep-read") as reader, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctprep-write") as writer:
         pending = None
-        for task in tasks:
-            result = preprocess(cfg, task)
+        next_read = reader.submit(read, tasks[0]) if tasks else None
+        for i, task in enumerate(tasks):
+            loaded = next_read.result()
+            next_read = reader.submit(read, tasks[i + 1]) if i + 1 < len(tasks) else None
+            result = preprocess(cfg, task, loaded)
+            del loaded
             if pending is not None:
                 on_result(pending.result())
             pending = writer.submit(write, store, task, result)

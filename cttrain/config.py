@@ -198,7 +198,7 @@ def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     import yaml
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
 
 
 __all__ = [

@@ -124,7 +124,7 @@ def _tmp(path: Path) -> Path:
 def _write_json(path: Path, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
-    tmp.write_text(json.dumps(jsonable(data), indent=2, ensure_ascii=False) + "\n")
+    tmp.write_text(json.dumps(jsonable(data), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
 
@@ -162,7 +162,7 @@ def _start_fold(run_dir: Path, fold: int, k: int, device: str, resume: bool, com
                 env: dict[str, str]) -> tuple[int, subprocess.Popen, Any, Path]:
     log = run_dir / "logs" / f"fold_{fold}" / "cttrain.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    handle = log.open("w")
+    handle = log.open("w", encoding="utf-8")
     proc = subprocess.Popen(command(run_dir, fold, k, device, resume), stdout=handle, stderr=subprocess.STDOUT,
                             env=env)
     return fold, proc, handle, log
@@ -254,7 +254,7 @@ class OOF:
 def read_table(path: Path) -> tuple[list[str], list[str], np.ndarray]:
     """A VolumeName + numeric-columns CSV -> (names, value columns, values); a `fold` column is dropped."""
     try:
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8") as handle:
             rows = [row for row in csv.reader(handle) if row]
     except FileNotFoundError:
         raise CVError(f"{path}: missing (the fold did not finish writing its outputs?)") from None
@@ -298,7 +298,7 @@ def read_fold_outputs(results: Path, folds: Sequence[int]) -> OOF:
 
 def _write_csv(path: Path, header: list[str], rows: Any) -> None:
     tmp = _tmp(path)
-    with tmp.open("w", newline="") as handle:
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)
@@ -372,7 +372,7 @@ def summarize(run_dir: str | Path, k: int, method: str | None = None) -> dict:
     done = [f for f in range(k) if fold_done(run_dir, f)]
     if not done:
         raise CVError(f"{results}: no finished fold (no fold_k.json); run `cttrain cv` first")
-    fold_json = {f: json.loads((results / f"fold_{f}.json").read_text()) for f in done}
+    fold_json = {f: json.loads((results / f"fold_{f}.json").read_text(encoding="utf-8")) for f in done}
     oof = read_fold_outputs(results, done)
     write_oof(results, oof)
     y, p, names, folds = oof.labels, oof.probs, oof.label_names, oof.folds

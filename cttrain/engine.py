@@ -314,7 +314,7 @@ def _write_csv_atomic(path: Path, header: list[str], rows: list[list[Any]]) -> N
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as fh:
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         writer.writerows(rows)
@@ -348,7 +348,7 @@ def _finish(run: FoldRun, trainer: Trainer, state: FoldState) -> dict:
         path = run.paths.result()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)
         macro = (state.best_metrics or {}).get("macro", {})
         run.say(f"fold {run.fold}: best macro AUROC {macro.get('auroc', float('nan')):.4f} at epoch "
@@ -361,7 +361,7 @@ def _finished_result(cfg: ExperimentConfig, paths: FoldPaths, fold: int, k: int)
     """A finished fold's result; the checkpoint must still match the model/data setup asked for."""
     from ctprep.config import to_dict
 
-    result = json.loads(paths.result().read_text())
+    result = json.loads(paths.result().read_text(encoding="utf-8"))
     if paths.last.is_file():
         ckpt = load_checkpoint(paths.last)
         resume_differences(ckpt, paths.last, to_dict(cfg), in_channels=int(ckpt["in_channels"]),

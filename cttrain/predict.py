@@ -63,7 +63,7 @@ def _trained_store(run_dir: Path, cfg: Any) -> tuple[list[dict], list[int]]:
 
     path = run_dir / "store.json"
     if path.is_file():
-        info = json.loads(path.read_text())
+        info = json.loads(path.read_text(encoding="utf-8"))
         d, _c, h, w = info["image_shape"]
         return list(info["windows"]), [d, h, w]
     return to_dict(cfg.preprocess.windows), list(cfg.preprocess.shape)
@@ -144,7 +144,7 @@ def ensemble_probs(run_dir: Path, cache: str | Path, *, checkpoint: str, tta_fli
 def _write_atomic(out: Path, write: Any) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # private: parallel folds write store.json
-    with tmp.open("w", newline="") as handle:
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
         write(handle)
     os.replace(tmp, out)
     return out

@@ -40,7 +40,7 @@ class FoldLog:
         if not self.enabled:
             return
         new = not self.path.is_file() or self.path.stat().st_size == 0
-        with self.path.open("a", newline="") as fh:
+        with self.path.open("a", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             if new:
                 writer.writerow(COLUMNS)
@@ -64,11 +64,11 @@ class FoldLog:
         path = Path(directory) / "metrics.csv"
         if not path.is_file():
             return 0
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
         keep = [r for r in rows if r.get("epoch", "").strip().isdigit() and int(r["epoch"]) <= epoch]
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with tmp.open("w", newline="") as fh:
+        with tmp.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(COLUMNS)
             writer.writerows([[r.get(c, "") or "" for c in COLUMNS] for r in keep])

@@ -75,7 +75,7 @@ def _load_oof(results: Path, notes: list[str]) -> dict | None:
 
 def _read_json(path: Path, notes: list[str]) -> dict | None:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         data = exc
     if not isinstance(data, dict):
@@ -87,7 +87,7 @@ def _read_json(path: Path, notes: list[str]) -> dict | None:
 
 def _read_log(path: Path, notes: list[str]) -> dict[str, np.ndarray] | None:
     try:
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
     except (OSError, csv.Error) as exc:
         notes.append(f"`{path}` unreadable ({exc}); ignored.")
@@ -390,7 +390,7 @@ def _write_markdown(run: _Run, written: dict[str, Path], path: Path) -> Path:
         lines += [f"### {title}", "", caption, "", f"![{title}]({png.name})", ""]
     if run.notes:
         lines += ["## Notes", "", *(f"- {note}" for note in run.notes), ""]
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
 

@@ -159,7 +159,7 @@ def save_thresholds(path: str | Path, label_names: Sequence[str], thresholds: np
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)  # a crash never leaves a half-written thresholds file
     return path
 
@@ -170,7 +170,7 @@ def load_thresholds(path: str | Path, label_names: Sequence[str] | None = None
     and the whole parsed JSON)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ThresholdsError(f"{path}: thresholds file not found") from None
     except json.JSONDecodeError as exc:

@@ -173,19 +173,19 @@ def test_constant_volume_is_cached_but_flagged_loudly(tmp_path):
 _CRASH_SCRIPT = textwrap.dedent("""
     import os, signal, sys, json
     from pathlib import Path
-    import ctprep.pipeline as pipeline
+    import ctprep.io as io
 
-    _real = pipeline.preprocess_volume
+    _real = io.read_volume
 
-    def _fragile(path, cfg, meta=None):
+    def _fragile(path):
         # Top-level code: also runs in each worker, which imports this script as __mp_main__.
         if "killme" in Path(path).name:
             os.kill(os.getpid(), signal.SIGKILL)
         if "hog" in Path(path).name:
             raise MemoryError()
-        return _real(path, cfg, meta)
+        return _real(path)
 
-    pipeline.preprocess_volume = _fragile
+    io.read_volume = _fragile
 
     if __name__ == "__main__":
         from ctprep.build import build_cache

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from test_build import NAMES, REPO, assert_same_store, make_dataset, small_cfg, tree_state
 
+import ctprep.io as ctprep_io
 from ctprep.build import build_cache
 from ctprep.store import open_store
 
@@ -36,20 +37,19 @@ def clean(tmp_path_factory):
 _SCRIPT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    import ctprep.pipeline as pipeline
+    import ctprep.workers as workers
 
-    _real = pipeline.preprocess_volume
+    _real = workers.write
     MARKS = Path(sys.argv[4])
 
-    def _marked(path, cfg, meta=None):
+    def _marked(store, task, result):
         # Mark each volume just before its row is written, so a kill lands in or near write_row.
-        result = _real(path, cfg, meta)
         with open(MARKS, "a") as fh:
-            fh.write(Path(path).name + "\\n")
+            fh.write(Path(task.path).name + "\\n")
         time.sleep(float(sys.argv[5]))
-        return result
+        return _real(store, task, result)
 
-    pipeline.preprocess_volume = _marked
+    workers.write = _marked
 
     if __name__ == "__main__":
         from ctprep.build import build_cache, parse_shard
@@ -111,7 +111,8 @@ def test_rerun_over_a_finished_store_is_a_quick_read_only_noop(clean, tmp_path, 
     def no_decode(*_args, **_kwargs):
         raise AssertionError("a no-op re-run must not preprocess anything")
 
-    monkeypatch.setattr(pipeline, "preprocess_volume", no_decode)
+    monkeypatch.setattr(pipeline, "preprocess_image", no_decode)
+    monkeypatch.setattr(ctprep_io, "read_volume", no_decode)
     start = time.perf_counter()
     report = build_cache(data, labels, out, small_cfg(), progress=False)
     noop_s = time.perf_counter() - start

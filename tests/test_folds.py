@@ -105,7 +105,7 @@ def test_from_file_round_trip_and_leak_rejection(tmp_path):
     pid = next(p for p in pids if pids.count(p) > 1)
     rows = [i for i, p in enumerate(pids) if p == pid]
     csv = tmp_path / "leak.csv"
-    lines = ["VolumeName,fold"] + [f"{n},{(f + (i == rows[0])) % 3}" for i, (n, f) in enumerate(zip(names, original))]
+    lines = ["VolumeName,fold"] + [f"{n},{(f + (i == rows[0])) % 3}" for i, (n, f) in enumerate(zip(names, original, strict=True))]
     csv.write_text("\n".join(lines))
     with pytest.raises(FoldError, match=f"patient {pid} leaks across folds"):
         make_folds(path, k=3, seed=0, from_file=csv)
