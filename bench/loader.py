@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> Any:
                         "configs/demo.yaml on CPU, configs/default.yaml on CUDA")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes, both pipelines")
     p.add_argument("--threads", type=int, default=None, help="main-process threads (default: --workers)")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="volumes per batch (default: the config's data.batch_size)")
     p.add_argument("--volumes", type=int, default=None, help="volumes (default 8, quick 4)")
     p.add_argument("--epochs", type=int, default=None, help="cached passes (default 20, quick 10)")
     p.add_argument("--seed", type=int, default=0)
@@ -252,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.config is None:
         args.config = DEVICE_CONFIG["cuda" if str(device).startswith("cuda") else "cpu"]
     exp = load_config(args.config, args.set)
+    args.batch_size = args.batch_size or exp.data.batch_size
     data = common.ensure_data(args.data, args.volumes, args.seed, args.scale)
     store = common.ensure_store(data, args.data, args.config, args.set)
     common.log(f"(b) cached: {args.epochs} passes over {len(data.files)} volumes from {store.name}")

@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from cttrain.config import load_config
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
+DEMO = load_config(REPO / "configs" / "demo.yaml")
 
 LOADER_KEYS = {"cached_volumes_per_s", "onthefly_volumes_per_s", "speedup", "workers", "shape"}
 BUILD_KEYS = {"decode_s", "build_w1_s", "build_w2_s", "noop_s", "build_over_decode", "store_bytes",
@@ -30,7 +33,7 @@ def run_bench(name: str, tmp: Path, *extra: str) -> dict:
     assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-3000:]}\n{proc.stdout[-2000:]}"
     last = proc.stdout.rstrip("\n").splitlines()[-1]
     result = json.loads(last)
-    assert json.loads((out / f"{name}.json").read_text()) == result
+    assert json.loads((out / f"{name}.json").read_text(encoding="utf-8")) == result
     return result
 
 
@@ -60,7 +63,7 @@ def test_loader(work: Path, results: dict) -> None:
                   "--batch-size", "1", "--config", str(REPO / "configs" / "demo.yaml"))
     assert set(r) >= LOADER_KEYS
     assert r["workers"] == 0
-    assert r["shape"] == [20, 3, 96, 96]  # demo: K = 20 slices, 3 windows, 96 x 96
+    assert r["shape"] == [DEMO.data.slices, len(DEMO.preprocess.windows), *DEMO.preprocess.shape[1:]]
     assert r["onthefly"]["shape"] == r["cached"]["shape"] == r["shape"]
     assert r["speedup"] == pytest.approx(r["cached_volumes_per_s"] / r["onthefly_volumes_per_s"], rel=0.01)
     assert r["cached_volumes_per_s"] > 0 and r["onthefly_volumes_per_s"] > 0
@@ -75,7 +78,8 @@ def test_augment(work: Path, results: dict) -> None:
     alone = {f"{t} alone" for t in ("affine", "elastic", "blur", "intensity", "noise")}
     assert set(rows) == {"config mix", *alone}
     assert all(v["albumentations_cpu"] > 0 and v["device_cpu"] > 0 for v in rows.values())
-    assert r["sets"]["demo"]["shape"] == [8, 20, 3, 96, 96]
+    assert r["sets"]["demo"]["shape"][1:] == [DEMO.data.slices, len(DEMO.preprocess.windows),
+                                              *DEMO.preprocess.shape[1:]]
     results["augment"] = r
 
 

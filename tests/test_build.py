@@ -152,7 +152,7 @@ def test_happy_path_store_contents(built):
         assert info["file"] == str(Path(ctrate_path(Path("."), NAMES[row])))
         assert "hu_rule" in info
     assert not np.array_equal(store.read_images(0), store.read_images(2))
-    saved = json.loads((root / "cache" / "failures.json").read_text())
+    saved = json.loads((root / "cache" / "failures.json").read_text(encoding="utf-8"))
     assert saved == {"store": str(root / "cache" / "s.zarr"), "shard": [0, 1], "failures": [],
                      "warnings": [], "qc_flagged": []}
 
@@ -309,11 +309,11 @@ def test_refuses_to_write_into_a_foreign_directory(tmp_path):
     data, labels = make_dataset(tmp_path, NAMES[:1])
     out = tmp_path / "notastore"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    (out / "keep.txt").write_text("mine", encoding="utf-8")
     for overwrite in (False, True):
         with pytest.raises(BuildError, match="not a zarr store"):
             build_cache(data, labels, out, small_cfg(), overwrite=overwrite, progress=False)
-    assert (out / "keep.txt").read_text() == "mine"
+    assert (out / "keep.txt").read_text(encoding="utf-8") == "mine"
 
 
 def test_progress_is_plain_lines_when_not_a_terminal(tmp_path):

@@ -31,7 +31,7 @@ def _bad_dataset(root: Path) -> tuple[Path, Path, Path]:
     empty = ctrate_path(data, "train_6_a_1.nii.gz")
     empty.parent.mkdir(parents=True)
     empty.write_bytes(b"")
-    (data / "train_7_a_1.mha").write_text("this is not an image\n")
+    (data / "train_7_a_1.mha").write_text("this is not an image\n", encoding="utf-8")
     write_volume(ctrate_path(data, "train_8_a_1.nii.gz"), 8)          # its metadata row is malformed
     write_volume(root / "outside.nii.gz", 9)
     (data / "train_9_a_1.nii.gz").symlink_to(root / "outside.nii.gz")
@@ -115,7 +115,7 @@ def test_good_volumes_are_cached_and_bad_rows_stay_unwritten(bad_build):
 
 def test_failures_json_beside_the_store(bad_build):
     root, *_rest, report = bad_build
-    saved = json.loads((root / "cache" / "failures.json").read_text())
+    saved = json.loads((root / "cache" / "failures.json").read_text(encoding="utf-8"))
     assert report.failures_path == root / "cache" / "failures.json"
     assert saved["store"] == str(root / "cache" / "s.zarr")
     assert saved["failures"] == report.failures and saved["warnings"] == report.warnings
@@ -161,7 +161,7 @@ def test_constant_volume_is_cached_but_flagged_loudly(tmp_path):
     [flagged] = report.qc_flagged
     assert flagged["volume"] == "flat.nii.gz" and flagged["flags"]
     assert open_store(tmp_path / "s.zarr").written().all()
-    saved = json.loads((tmp_path / "failures.json").read_text())
+    saved = json.loads((tmp_path / "failures.json").read_text(encoding="utf-8"))
     assert saved["qc_flagged"] == report.qc_flagged
     console = Console(record=True, width=200, file=io.StringIO())
     print_report(report, console)
@@ -203,7 +203,7 @@ def test_worker_crash_is_reported_not_hung(tmp_path):
         write_volume(data / name, i)
     labels = write_labels(tmp_path / "l.csv", [(n, label_values(i)) for i, n in enumerate(names)])
     script = tmp_path / "crash.py"
-    script.write_text(_CRASH_SCRIPT)
+    script.write_text(_CRASH_SCRIPT, encoding="utf-8")
     proc = subprocess.run([sys.executable, str(script), str(data), str(labels), str(tmp_path / "s.zarr")],
                           capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ})
     assert proc.returncode == 0, proc.stderr

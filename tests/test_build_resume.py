@@ -64,7 +64,7 @@ _SCRIPT = textwrap.dedent("""
 def _start(tmp: Path, data: Path, labels: Path, out: Path, marks: Path, delay: float = 0.0,
            shard: str = "0/1") -> subprocess.Popen:
     script = tmp / "build_script.py"
-    script.write_text(_SCRIPT)
+    script.write_text(_SCRIPT, encoding="utf-8")
     return subprocess.Popen([sys.executable, str(script), str(data), str(labels), str(out), str(marks),
                              str(delay), shard], cwd=REPO, env={**os.environ}, stderr=subprocess.PIPE, text=True)
 
@@ -72,7 +72,7 @@ def _start(tmp: Path, data: Path, labels: Path, out: Path, marks: Path, delay: f
 def _kill_after(proc: subprocess.Popen, marks: Path, count: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if marks.exists() and len(marks.read_text().split()) >= count:
+        if marks.exists() and len(marks.read_text(encoding="utf-8").split()) >= count:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             return
@@ -148,11 +148,11 @@ def test_two_concurrent_shards_fill_one_store(clean, tmp_path):
     procs = [_start(tmp_path, data, labels, out, tmp_path / f"marks{i}.txt", shard=f"{i}/2") for i in range(2)]
     for proc in procs:
         assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
-    done = [set((tmp_path / f"marks{i}.txt").read_text().split()) for i in range(2)]
+    done = [set((tmp_path / f"marks{i}.txt").read_text(encoding="utf-8").split()) for i in range(2)]
     assert done[0].isdisjoint(done[1]) and len(done[0] | done[1]) == len(MORE_NAMES)
     assert_same_store(out, root / "clean" / "s.zarr")
     for i in range(2):
-        saved = json.loads((tmp_path / f"failures.shard-{i}-of-2.json").read_text())
+        saved = json.loads((tmp_path / f"failures.shard-{i}-of-2.json").read_text(encoding="utf-8"))
         assert saved["shard"] == [i, 2] and saved["failures"] == []
 
 

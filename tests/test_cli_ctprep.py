@@ -35,7 +35,8 @@ def store(dataset, tmp_path_factory):
 
 
 def test_synth_writes_the_ctrate_layout(dataset):
-    header = (dataset / "multi_abnormality_labels" / "train_predicted_labels.csv").read_text().splitlines()[0]
+    labels_csv = dataset / "multi_abnormality_labels" / "train_predicted_labels.csv"
+    header = labels_csv.read_text(encoding="utf-8").splitlines()[0]
     assert header.split(",") == ["VolumeName", *LABEL_NAMES]
     assert list((dataset / "train").glob("train_*/train_*_*/train_*_*_*.nii.gz"))
 
@@ -103,3 +104,14 @@ def test_synth_renders_only_the_chosen_labels(tmp_path):
     assert all(row[name] == "0" for row in rows for name in others)
     result = runner.invoke(app, ["synth", str(tmp_path / "x"), "--labels", "Lung nodules"])
     assert result.exit_code == 2 and "unknown label 'Lung nodules'" in result.output
+
+
+def test_ctprep_never_imports_torch_or_cttrain():
+    import subprocess
+    import sys
+
+    code = ("import sys, ctprep.cli, ctprep.build, ctprep.workers, ctprep.pipeline, ctprep.folds, ctprep.info, "
+            "ctprep.synth, ctprep.store; print(sorted(m for m in ('torch', 'cttrain', 'albumentations') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -56,7 +56,7 @@ def test_unknown_key_names_the_nearest(store, tmp_path):
 def test_unsafe_yaml_is_refused_and_never_runs(store, tmp_path):
     marker = tmp_path / "pwned"
     config = tmp_path / "evil.yaml"
-    config.write_text(f"training: !!python/object/apply:os.system ['touch {marker}']\n")
+    config.write_text(f"training: !!python/object/apply:os.system ['touch {marker}']\n", encoding="utf-8")
     result = runner.invoke(app, ["fold", "0", "--config", str(config), "--cache", str(store),
                                  "--out", str(tmp_path / "r")])
     assert_one_line_error(result, 2, "evil.yaml", "not a safe YAML config")
@@ -86,11 +86,11 @@ def test_resume_compares_only_what_the_yaml_sets(store, tmp_path):
     # the first run's flags put data.cache and folds.k into the saved config; the YAML does not name them
     write_run_config(load_config(overrides=[f"data.cache={store}", "folds.k=5", "training.lr=0.001"]), run)
     same = tmp_path / "same.yaml"
-    same.write_text("training:\n  lr: 0.001\n")
+    same.write_text("training:\n  lr: 0.001\n", encoding="utf-8")
     cfg = resolve_config(same, [], {}, run, resume=True)
     assert cfg.data.cache == str(store) and cfg.folds.k == 5
     other = tmp_path / "other.yaml"
-    other.write_text("training:\n  lr: 0.002\n  device: cpu\n")
+    other.write_text("training:\n  lr: 0.002\n  device: cpu\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"training\.lr: 0\.001 -> 0\.002"):
         resolve_config(other, [], {}, run, resume=True)
     assert resolve_config(other, [], {}, run, resume=False).training.lr == 0.002  # a new run: the YAML rules

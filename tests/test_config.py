@@ -23,21 +23,21 @@ def test_demo_config_is_cpu_and_has_no_pretrained_weights():
 
 def test_unknown_key_names_key_and_nearest(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("model:\n  backbon: resnet18\n")
+    p.write_text("model:\n  backbon: resnet18\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"model\.backbon.*did you mean 'backbone'"):
         load_config(p)
 
 
 def test_unknown_section_is_an_error(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("trainin:\n  epochs: 3\n")
+    p.write_text("trainin:\n  epochs: 3\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="unknown section 'trainin'.*training"):
         load_preprocess(p)
 
 
 def test_resolution_order_defaults_yaml_set_flags(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("training:\n  epochs: 3\n  lr: 0.1\ndata:\n  cache: a.zarr\n")
+    p.write_text("training:\n  epochs: 3\n  lr: 0.1\ndata:\n  cache: a.zarr\n", encoding="utf-8")
     cfg = load_config(p, overrides=["training.epochs=5", "data.cache=b.zarr"], flags={"data.cache": "c.zarr"})
     assert cfg.training.epochs == 5          # --set beats YAML
     assert cfg.training.lr == 0.1            # YAML beats default
@@ -47,7 +47,7 @@ def test_resolution_order_defaults_yaml_set_flags(tmp_path):
 
 def test_type_errors_name_the_key(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("training:\n  epochs: many\n")
+    p.write_text("training:\n  epochs: many\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="training.epochs"):
         load_config(p)
     with pytest.raises(ConfigError, match="model.pooling"):
@@ -57,7 +57,7 @@ def test_type_errors_name_the_key(tmp_path):
 def test_yaml_python_tags_are_refused_and_never_run(tmp_path):
     marker = tmp_path / "pwned"
     p = tmp_path / "evil.yaml"
-    p.write_text(f"training: !!python/object/apply:os.system ['touch {marker}']\n")
+    p.write_text(f"training: !!python/object/apply:os.system ['touch {marker}']\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="not a safe YAML"):
         read_yaml(p)
     assert not marker.exists()

@@ -94,7 +94,7 @@ def test_summary_fields_and_pooling(tmp_path):
     assert summary["oof"]["crg"] == pytest.approx(pooled["crg"], abs=1e-6)
     assert summary["oof"]["f1_macro_tuned"] != summary["oof"]["f1_macro"]
     # the files on disk match what was returned
-    assert json.loads((tmp_path / "results" / "cv_summary.json").read_text()) == summary
+    assert json.loads((tmp_path / "results" / "cv_summary.json").read_text(encoding="utf-8")) == summary
 
     header, rows = read_csv(tmp_path / "results" / "oof_predictions.csv")
     assert header == ["VolumeName", "fold", *LABEL_NAMES]
@@ -108,9 +108,9 @@ def test_summary_fields_and_pooling(tmp_path):
     labels_by_name = {r[0]: [int(v) for v in r[1:]] for r in label_rows}
     assert labels_by_name[truth["names"][i]] == truth["y"][i].tolist()  # aligned although files were reordered
 
-    thresholds = json.loads((tmp_path / "results" / "thresholds.json").read_text())
+    thresholds = json.loads((tmp_path / "results" / "thresholds.json").read_text(encoding="utf-8"))
     assert thresholds["method"] == "f1" and list(thresholds["thresholds"]) == list(LABEL_NAMES)
-    detailed = json.loads((tmp_path / "results" / "cv_results_detailed.json").read_text())
+    detailed = json.loads((tmp_path / "results" / "cv_results_detailed.json").read_text(encoding="utf-8"))
     assert set(detailed["folds"]) == {"0", "1", "2"}
     fold0 = detailed["folds"]["0"]
     assert {"f1_macro_untuned", "f1_macro_tuned", "nested_thresholds", "per_label"} <= set(fold0)
@@ -123,19 +123,20 @@ def test_summary_with_missing_fold_and_no_tuning(tmp_path):
     assert summary["valid_folds"] == 2 and summary["total_folds"] == 3
     assert summary["missing_folds"] == [2]
     assert summary["oof"]["f1_macro_tuned"] == pytest.approx(summary["oof"]["f1_macro"])
-    t = json.loads((tmp_path / "results" / "thresholds.json").read_text())["thresholds"]
+    t = json.loads((tmp_path / "results" / "thresholds.json").read_text(encoding="utf-8"))["thresholds"]
     assert set(t.values()) == {0.5}
 
 
 def test_summary_refuses_a_volume_held_out_twice(tmp_path):
     fake_fold_outputs(tmp_path, k=2, n=6)
     results = tmp_path / "results"
-    lines = (results / "fold_1_predictions.csv").read_text().splitlines()
-    first_of_fold0 = (results / "fold_0_predictions.csv").read_text().splitlines()[1].split(",")[0]
+    lines = (results / "fold_1_predictions.csv").read_text(encoding="utf-8").splitlines()
+    first_of_fold0 = (results / "fold_0_predictions.csv").read_text(encoding="utf-8").splitlines()[1].split(",")[0]
     lines[1] = ",".join([first_of_fold0, *lines[1].split(",")[1:]])
-    (results / "fold_1_predictions.csv").write_text("\n".join(lines) + "\n")
-    labels = (results / "fold_1_labels.csv").read_text() + first_of_fold0 + "," + ",".join(["0"] * 18) + "\n"
-    (results / "fold_1_labels.csv").write_text(labels)
+    (results / "fold_1_predictions.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    labels = (results / "fold_1_labels.csv").read_text(encoding="utf-8")
+    labels += first_of_fold0 + "," + ",".join(["0"] * 18) + "\n"
+    (results / "fold_1_labels.csv").write_text(labels, encoding="utf-8")
     with pytest.raises(CVError, match="more than one fold"):
         summarize(tmp_path, 2, method="f1")
 
@@ -222,7 +223,7 @@ def test_cv_end_to_end_pools_every_written_row_once_and_resumes(tmp_path):
     result = runner.invoke(app, _cv_args(store, run, "--seed", "3"))
     assert result.exit_code == 0, result.output
     results = run / "results"
-    summary = json.loads((results / "cv_summary.json").read_text())
+    summary = json.loads((results / "cv_summary.json").read_text(encoding="utf-8"))
     assert summary["total_folds"] == 3 and summary["valid_folds"] == 3
     assert HUMAN.match(summary["auroc_macro"]) and HUMAN.match(summary["ranking_score"])
     header, rows = read_csv(results / "oof_predictions.csv")
@@ -249,4 +250,4 @@ def test_cv_end_to_end_pools_every_written_row_once_and_resumes(tmp_path):
     assert {f: (results / f"fold_{f}.json").stat().st_mtime_ns for f in (0, 1)} == stamps
     assert {f: (run / "checkpoints" / f"fold_{f}" / "last.ckpt").stat().st_mtime_ns for f in (0, 1)} == ckpt_stamps
     assert (results / "fold_2.json").exists()
-    assert json.loads((results / "cv_summary.json").read_text())["valid_folds"] == 3
+    assert json.loads((results / "cv_summary.json").read_text(encoding="utf-8"))["valid_folds"] == 3

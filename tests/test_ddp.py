@@ -67,7 +67,7 @@ def test_two_gloo_ranks_write_once_and_score_the_whole_fold(tmp_path):
             pytest.fail("DDP ranks did not finish in 240 s")
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
 
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = [json.loads((out / f"rank{r}.json").read_text(encoding="utf-8")) for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
     result = ranks[0]["result"]
     assert ranks[1]["result"] == result                        # every rank returns the same figures

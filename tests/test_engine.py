@@ -157,7 +157,7 @@ def test_fold_writes_every_contract_file(trained):
     ckpts = run_dir / "checkpoints" / "fold_0"
     assert sorted(p.name for p in ckpts.iterdir()) == ["fold_0_best_auroc.ckpt", "fold_0_best_f1.ckpt",
                                                        "last.ckpt"]
-    on_disk = json.loads((run_dir / "results" / "fold_0.json").read_text())
+    on_disk = json.loads((run_dir / "results" / "fold_0.json").read_text(encoding="utf-8"))
     assert on_disk == result
     assert result["n_train"] == 16 and result["n_val"] == 4 and result["skipped_unwritten"] == 0
     assert result["epochs_run"] == 3 and result["metrics"]["n"] == 4

@@ -85,7 +85,7 @@ def test_make_folds_writes_store_and_folds_json(tmp_path):
     store = open_store(path)
     assert np.array_equal(store.folds(), assign_folds(pids, labels, 4, 0))
     assert store.attrs["folds"]["k"] == 4 and table["k"] == 4
-    entries = json.loads((tmp_path / "folds.json").read_text())
+    entries = json.loads((tmp_path / "folds.json").read_text(encoding="utf-8"))
     assert len(entries) == 4
     for f, entry in enumerate(entries):
         assert sorted(entry["val"]) == sorted(np.asarray(names)[store.folds() == f].tolist())
@@ -99,14 +99,15 @@ def test_from_file_round_trip_and_leak_rejection(tmp_path):
     make_folds(path, k=3, seed=0)
     original = open_store(path).folds()
     fold_file = tmp_path / "mine.json"
-    fold_file.write_text((tmp_path / "folds.json").read_text())
+    fold_file.write_text((tmp_path / "folds.json").read_text(encoding="utf-8"), encoding="utf-8")
     assert np.array_equal(folds_from_file(fold_file, names, pids), original)
     # move one reconstruction of a multi-volume patient into another fold: a leak
     pid = next(p for p in pids if pids.count(p) > 1)
     rows = [i for i, p in enumerate(pids) if p == pid]
     csv = tmp_path / "leak.csv"
-    lines = ["VolumeName,fold"] + [f"{n},{(f + (i == rows[0])) % 3}" for i, (n, f) in enumerate(zip(names, original, strict=True))]
-    csv.write_text("\n".join(lines))
+    pairs = enumerate(zip(names, original, strict=True))
+    lines = ["VolumeName,fold"] + [f"{n},{(f + (i == rows[0])) % 3}" for i, (n, f) in pairs]
+    csv.write_text("\n".join(lines), encoding="utf-8")
     with pytest.raises(FoldError, match=f"patient {pid} leaks across folds"):
         make_folds(path, k=3, seed=0, from_file=csv)
     assert np.array_equal(open_store(path).folds(), original)   # rejected file changed nothing
@@ -115,10 +116,10 @@ def test_from_file_round_trip_and_leak_rejection(tmp_path):
 def test_from_file_errors_name_the_problem(tmp_path):
     names, pids, labels = _dataset(6)
     partial = tmp_path / "p.csv"
-    partial.write_text("VolumeName,fold\n" + f"{names[0]},0\n")
+    partial.write_text("VolumeName,fold\n" + f"{names[0]},0\n", encoding="utf-8")
     with pytest.raises(FoldError, match="have no fold"):
         folds_from_file(partial, names, pids)
     unknown = tmp_path / "u.csv"
-    unknown.write_text("VolumeName,fold\nnope.nii.gz,0\n")
+    unknown.write_text("VolumeName,fold\nnope.nii.gz,0\n", encoding="utf-8")
     with pytest.raises(FoldError, match="'nope.nii.gz'.*not in the store"):
         folds_from_file(unknown, names, pids)

@@ -86,7 +86,7 @@ def test_vlm3d_submission_is_remapped_with_thresholds(run, tmp_path):
     thresholds = np.linspace(0.2, 0.8, 18)
     save_thresholds(run / "results" / "thresholds.json", LABEL_NAMES, thresholds, "f1")
     out = predict(run, store, tmp_path / "sub.json", fmt="vlm3d")
-    data = json.loads(out.read_text())
+    data = json.loads(out.read_text(encoding="utf-8"))
     assert isinstance(data, list) and list(data[0]) == ["outputs"]
     predictions = data[0]["outputs"][0]["value"]["predictions"]
     assert [p["input_image_name"] for p in predictions] == [f"valid_{i}_a_1.nii.gz" for i in range(3)]

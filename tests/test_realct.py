@@ -176,7 +176,7 @@ def test_missing_and_empty_files(tmp_path):
 
 def test_files_that_are_not_images(tmp_path):
     text = tmp_path / "notes.txt"
-    text.write_text("hello")
+    text.write_text("hello", encoding="utf-8")
     _expect_error(text, "not a readable image")
     fake = tmp_path / "fake.nii.gz"
     fake.write_bytes(gzip.compress(b"not a nifti header" * 40))
@@ -204,7 +204,7 @@ def test_2d_and_colour_images_are_not_volumes(tmp_path):
 
 
 def test_directory_without_dicom(tmp_path):
-    (tmp_path / "readme.txt").write_text("no images here")
+    (tmp_path / "readme.txt").write_text("no images here", encoding="utf-8")
     _expect_error(tmp_path, "no DICOM series")
 
 

@@ -45,7 +45,7 @@ def _fake_run(root: Path, n: int = 90, seed: int = 0) -> Path:
     for k in range(K):
         rows = folds == k
         metrics = challenge_metrics(y[rows], probs[rows], LABELS)
-        (results / f"fold_{k}.json").write_text(json.dumps(jsonable({"fold": k, "metrics": metrics})))
+        (results / f"fold_{k}.json").write_text(json.dumps(jsonable({"fold": k, "metrics": metrics})), encoding="utf-8")
         epochs = np.arange(1, 9)
         log = [[e, 0.7 * 0.85**e + 0.02 * k, 0.75 * 0.9**e + 0.03 * k, 0.55 + 0.03 * e - 0.01 * k,
                 0.2 + 0.02 * e, 1e-3] for e in epochs]
@@ -56,7 +56,7 @@ def _fake_run(root: Path, n: int = 90, seed: int = 0) -> Path:
                "metrics": {"auroc_macro": {"mean": 0.6458, "std": 0.0234}, "crg": {"mean": 0.41, "std": 0.02}},
                "oof": {"auroc_macro": pooled["macro"]["auroc"], "crg": pooled["crg"], "f1_macro_tuned": 0.31,
                        "crg_tuned": 0.52, "threshold_method": "f1"}}
-    (results / "cv_summary.json").write_text(json.dumps(summary))
+    (results / "cv_summary.json").write_text(json.dumps(summary), encoding="utf-8")
     save_thresholds(results / "thresholds.json", LABELS, tune_thresholds(y, probs, "f1"), "f1", {})
     return run
 
@@ -76,7 +76,7 @@ def test_report_writes_all_figures_and_markdown(tmp_path):
         png = report / f"{name}.png"
         width, height = _png_size(png)
         assert width >= 600 and height >= 300 and png.stat().st_size > 20_000, (name, width, height)
-    text = (report / "report.md").read_text()
+    text = (report / "report.md").read_text(encoding="utf-8")
     for name in FIGURES:
         assert f"]({name}.png)" in text
     assert "0.6458 ± 0.0234" in text  # from cv_summary.json
@@ -96,7 +96,7 @@ def test_report_skips_missing_inputs_with_notes(tmp_path):
     paths = make_report(run)
     assert [p.name for p in paths] == ["auroc_by_label.png", "report.md"]  # from fold_k.json alone
     assert not (run / "report" / "roc_curves.png").exists()  # stale figure removed, not embedded
-    text = (run / "report" / "report.md").read_text()
+    text = (run / "report" / "report.md").read_text(encoding="utf-8")
     assert "oof_labels.csv" in text and "Training curves: no `logs/fold_k/metrics.csv`" in text
     assert "cv_summary.json` not found" in text
 
@@ -109,7 +109,7 @@ def test_report_on_bad_run_dir(tmp_path):
         make_report(tmp_path / "empty")
     broken = tmp_path / "broken"
     (broken / "results").mkdir(parents=True)
-    (broken / "results" / "fold_0.json").write_text("{not json")
+    (broken / "results" / "fold_0.json").write_text("{not json", encoding="utf-8")
     paths = make_report(broken)  # nothing usable: only report.md, with notes, and no crash
     assert [p.name for p in paths] == ["report.md"]
-    assert "fold_0.json` unreadable" in paths[0].read_text()
+    assert "fold_0.json` unreadable" in paths[0].read_text(encoding="utf-8")

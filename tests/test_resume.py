@@ -83,7 +83,7 @@ def assert_same_run(run_dir: Path, result: dict, ref_dir: Path, ref: dict) -> No
     assert [p[0] for p in preds] == [p[0] for p in ref_preds]
     np.testing.assert_allclose(np.array([p[2:] for p in preds], float),
                                np.array([p[2:] for p in ref_preds], float), atol=1e-6)
-    assert json.loads((run_dir / "results" / "fold_0.json").read_text()) == result
+    assert json.loads((run_dir / "results" / "fold_0.json").read_text(encoding="utf-8")) == result
 
 
 def test_sigkill_during_epoch_two_then_resume_matches_an_uninterrupted_run(store, reference, tmp_path):

@@ -100,4 +100,4 @@ def test_write_folds_and_stale_temp_cleanup(tmp_path):
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_bytes(b"torn")
     assert clean_stale_temp_files(tmp_path / "s.zarr") == 1 and not stale.exists()
-    json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())  # group metadata still valid
+    json.loads((tmp_path / "s.zarr" / "zarr.json").read_text(encoding="utf-8"))  # group metadata still valid

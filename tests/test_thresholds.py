@@ -126,7 +126,7 @@ def test_save_and_load_round_trip(tmp_path):
     names = ["Cardiomegaly", "Emphysema"]
     path = save_thresholds(tmp_path / "results" / "thresholds.json", names, np.array([0.2, 0.35]), "f1",
                            {"tuned_on": "oof", "n": 10})
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     assert data["method"] == "f1" and data["thresholds"] == {"Cardiomegaly": 0.2, "Emphysema": 0.35}
     assert data["label_names"] == names and data["tuned_on"] == "oof"
     values, loaded = load_thresholds(path)
@@ -135,7 +135,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert np.array_equal(values, [0.35, 0.2])
     with pytest.raises(ThresholdsError, match="no threshold for label 'Atelectasis'"):
         load_thresholds(path, ["Atelectasis"])
-    (tmp_path / "bad.json").write_text('{"thresholds": {"a": 1.5}}')
+    (tmp_path / "bad.json").write_text('{"thresholds": {"a": 1.5}}', encoding="utf-8")
     with pytest.raises(ThresholdsError, match=r"bad.json: threshold for 'a' must be a number in \(0, 1\)"):
         load_thresholds(tmp_path / "bad.json")
     with pytest.raises(ThresholdsError, match="not found"):
