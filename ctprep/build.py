@@ -19,7 +19,6 @@ Decisions a user can rely on:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -339,22 +338,13 @@ def write_failures(report: BuildReport) -> None:
     os.replace(tmp, path)
 
 
-def _store_bytes(path: str) -> int | None:
-    if "://" in path or not Path(path).is_dir():
-        return None
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.stat(os.path.join(root, name)).st_size
-    return total
-
-
 def print_report(report: BuildReport, console: Console) -> None:
     """Summary table, then warnings, QC flags (loud, yellow) and failures (red)."""
     from rich.table import Table
 
-    size = _store_bytes(report.store)
+    from ctprep.store import store_bytes
+
+    size = store_bytes(report.store)
     i, n = report.shard
     rate = report.written_now / report.elapsed_s if report.elapsed_s > 0 else 0.0
     summary = Table(title="build-cache", show_header=False, title_justify="left")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -10,20 +9,7 @@ from typing import Any
 import numpy as np
 
 from ctprep.folds import fold_table
-from ctprep.store import CacheStore, StoreError, open_store
-
-
-def _store_bytes(path: str | Path) -> int | None:
-    if "://" in str(path):
-        return None
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.path.getsize(os.path.join(root, name))
-            except OSError:
-                continue
-    return total
+from ctprep.store import CacheStore, StoreError, open_store, store_bytes
 
 
 def store_info(path: str | Path) -> dict[str, Any]:
@@ -38,7 +24,7 @@ def store_info(path: str | Path) -> dict[str, Any]:
         {"volume": store.volume_names[i], "flags": info.get("qc_flags", [])}
         for i, info in enumerate(infos) if written[i] and info.get("qc_flags")
     ]
-    nbytes = _store_bytes(path)
+    nbytes = store_bytes(path)
     images_bytes = int(np.prod(store.array("images").shape))
     return {
         "path": str(path),

@@ -101,6 +101,18 @@ def creation_lock(path: str | Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def store_bytes(path: str | Path) -> int | None:
+    """Bytes on disk of a local store (None for remote stores or a missing path)."""
+    if not _is_local(path) or not Path(path).is_dir():
+        return None
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(root, name)).st_size
+    return total
+
+
 def store_exists(path: str | Path) -> bool:
     if _is_local(path):
         return (Path(path) / "zarr.json").exists()

@@ -122,8 +122,8 @@ def _run_inline(tasks: list[Task], store: CacheStore, cfg: PreprocessConfig, on_
 
 
 def qc_flags(info: dict[str, Any]) -> list[str]:
-    """QC flags of a row's info (the pipeline writes `qc_flags`; `qc` is accepted too)."""
-    return [str(f) for f in (info.get("qc_flags") or info.get("qc") or [])]
+    """QC flags the pipeline recorded in a row's info (`qc_flags`)."""
+    return [str(f) for f in info.get("qc_flags") or []]
 
 
 def _describe(exc: BaseException) -> str:
