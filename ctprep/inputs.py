@@ -14,6 +14,10 @@ Rules (each decided once, so a build is deterministic):
   `os.scandir`. Several candidates for one case id: the one whose file name equals the CSV name
   wins, else a file wins over a DICOM directory, else the row fails as ambiguous (naming the
   candidates). Names and symlinks that resolve outside `--data-dir` are refused.
+- A DICOM series directory is recognised by content, not by file names: a folder holding a `.dcm`
+  file or a file with the `DICM` magic at byte 128 (the DICOM Part 10 preamble). Real exports name
+  slices after their SOP Instance UID (`CT.1.3.12.2...`, no `.dcm`), so names cannot be trusted.
+  The series inside is chosen at read time by GDCM (`ctprep.io`).
 """
 
 from __future__ import annotations
@@ -226,8 +230,22 @@ def _volume_key(name: str) -> str | None:
     return next((name[: -len(s)] for s in VOLUME_SUFFIXES if lower.endswith(s)), None)
 
 
-def _is_dicom_name(name: str) -> bool:
-    return name.lower().endswith(".dcm") or ("." not in name and not name.startswith("."))
+DICOM_MAGIC_OFFSET = 128  # DICOM PS3.10: a 128-byte preamble, then b"DICM"
+
+
+def is_dicom_file(path: str | os.PathLike[str]) -> bool:
+    """True when the file carries the DICOM Part 10 magic (`DICM` at byte 128), or is named `.dcm`.
+
+    Reads 132 bytes: cheap enough to run on every non-volume file of a data dir. A `.dcm` file
+    without a preamble (old ACR-NEMA style) is still taken on its name; GDCM reads those too."""
+    if os.fspath(path).lower().endswith(".dcm"):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(DICOM_MAGIC_OFFSET)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -251,17 +269,17 @@ def index_data_dir(data_dir: Path) -> FileIndex:
             continue  # unreadable folder: its volumes show up as missing, naming the name
         if any(e.name == "zarr.json" for e in entries):
             continue  # a zarr store (e.g. the cache itself under --data-dir) is never an input
-        dicom_like = False
-        for entry in entries:
-            dicom_like |= _index_entry(entry, root, by_key, seen, stack)
-        if dicom_like and folder != root:
+        others = [e for e in entries if _index_entry(e, root, by_key, seen, stack)]
+        # Content check: stops at the first DICOM file, so a series folder costs one small read.
+        if folder != root and any(is_dicom_file(e.path) for e in others):
             by_key.setdefault(folder.name, []).append(Candidate(folder, "dicom"))
     return FileIndex(root, by_key)
 
 
 def _index_entry(entry: os.DirEntry, root: Path, by_key: dict[str, list[Candidate]],
                  seen: set[Path], stack: list[Path]) -> bool:
-    """Index one directory entry; True when it looks like a DICOM slice file."""
+    """Index one directory entry; True when it is a plain file that is not a volume file (a
+    possible DICOM slice, decided by content in the caller)."""
     path = Path(entry.path)
     link = entry.is_symlink()
     target = path.resolve() if link else path
@@ -277,7 +295,7 @@ def _index_entry(entry: os.DirEntry, root: Path, by_key: dict[str, list[Candidat
         outside = target if link and not _inside(target, root) else None
         by_key.setdefault(key, []).append(Candidate(path, "file", outside=outside))
         return False
-    return entry.is_file() and _is_dicom_name(entry.name)
+    return entry.is_file() and not entry.name.startswith(".")
 
 
 def resolve_volume(index: FileIndex, name: str) -> tuple[Path | None, str | None]:
@@ -306,27 +324,12 @@ def resolve_volume(index: FileIndex, name: str) -> tuple[Path | None, str | None
 
 
 def unreferenced(index: FileIndex, keys: Iterable[str]) -> list[str]:
-    """Volume files (and .dcm series directories) under the data dir that no CSV row names."""
+    """Volume files and DICOM series directories under the data dir that no CSV row names
+    (a directory symlink leaving the data dir is not listed: its content was never looked at)."""
     wanted = set(keys)
     out = []
     for key, cands in index.by_key.items():
         if key in wanted:
             continue
-        for c in cands:
-            if c.kind == "file" or any(p.suffix.lower() == ".dcm" for p in _first_files(c.path)):
-                out.append(str(c.path.relative_to(index.root)))
+        out += [str(c.path.relative_to(index.root)) for c in cands if c.kind == "file" or c.outside is None]
     return sorted(out)
-
-
-def _first_files(folder: Path, limit: int = 8) -> list[Path]:
-    """A few files of a folder (enough to tell a .dcm series from a folder of other files)."""
-    out: list[Path] = []
-    try:
-        with os.scandir(folder) as it:
-            for entry in it:
-                if len(out) >= limit:
-                    break
-                out.append(Path(entry.name))
-    except OSError:
-        pass
-    return out

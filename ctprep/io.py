@@ -44,7 +44,9 @@ class VolumeReadError(Exception):
 def read_volume(path: Path) -> sitk.Image:
     """Read a 3D CT volume from a file or from a directory holding a DICOM series.
 
-    DICOM: the largest series is used; slices are sorted along the slice normal, duplicate
+    DICOM: the directory must hold one series (files of no series are ignored, with a note; several
+    series are an error naming their UIDs, since picking one would silently drop a scan);
+    slices are sorted along the slice normal, duplicate
     positions are dropped (with a note); rescale slope/intercept are applied by SimpleITK; a
     missing Modality tag is accepted, a non-CT Modality is refused. Pixel values are returned as
     stored (HU or raw scanner units: see `ctprep.hu`).
@@ -204,7 +206,9 @@ def _read_dicom_dir(path: Path) -> sitk.Image:
 
 
 def _choose_series(path: Path, notes: list[str]) -> list[str]:
-    """File names of the largest DICOM series in `path`, sorted by GDCM along the normal."""
+    """File names of the one DICOM series in `path`, sorted by GDCM along the normal.
+
+    GDCM looks at content, not names, so UID-named slices and stray non-DICOM files are fine."""
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader
@@ -216,17 +220,20 @@ def _choose_series(path: Path, notes: list[str]) -> list[str]:
             files = list(reader.GetGDCMSeriesFileNames(str(path)))
         if files and len(files) < n_files:
             with _quiet_itk():
-                ids = reader.GetGDCMSeriesIDs(str(path))
-                series = [list(reader.GetGDCMSeriesFileNames(str(path), sid)) for sid in ids]
-            files = max(series, key=len)
+                ids = list(reader.GetGDCMSeriesIDs(str(path)))
+                series = {sid: list(reader.GetGDCMSeriesFileNames(str(path), sid)) for sid in ids}
             if len(series) > 1:
-                notes.append(f"{len(series)} DICOM series in the directory; using the largest "
-                             f"({len(files)} files)")
+                shown = ", ".join(f"{sid} ({len(f)} files)" for sid, f in
+                                  sorted(series.items(), key=lambda kv: -len(kv[1]))[:4])
+                raise VolumeReadError(f"{path}: {len(series)} DICOM series in one directory ({shown}"
+                                      f"{', ...' if len(series) > 4 else ''}); put each series in its own "
+                                      "directory and give each its own labels row")
+            files = next(iter(series.values()), files)
     except (OSError, RuntimeError) as exc:
         raise VolumeReadError(f"{path}: cannot scan for DICOM ({_first_line(exc)})") from None
     if not files:
         raise VolumeReadError(f"{path}: no DICOM series found in the directory (expected {SUPPORTED})")
-    if len(files) < n_files and not any("series" in n for n in notes):
+    if len(files) < n_files:
         notes.append(f"{n_files - len(files)} file(s) in the directory are not part of the series "
                      "(unreadable, truncated or not DICOM)")
     return files
