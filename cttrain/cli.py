@@ -1,4 +1,4 @@
-"""`cttrain` command line: parse options, call a plain function (cv, fold, predict, evaluate, report).
+"""`cttrain` command line: parse options, call a plain function (cv, fold, baseline, predict, evaluate, report).
 
 Every user-fixable problem (a config error, a missing store, folds that do not match, a bad
 checkpoint or table) ends as one red line on stderr and exit code 2 (config and arguments) or 1
@@ -198,6 +198,45 @@ def fold_cmd(fold: Annotated[int, typer.Argument(help="Validation fold index, 0.
 
     cfg, run_dir, k = _prepare(config, cache, folds, out, seed, resume, set_)
     run_fold(cfg, run_dir, fold, k=k, resume=resume, console=_console(), write=_rank() == 0)
+
+
+@_command("baseline")
+def baseline_cmd(config: ConfigOpt = None, cache: CacheOpt = None, folds: FoldsOpt = None,
+                 out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory to write "
+                                                             "results/floor_oof_predictions.csv and floor.json "
+                                                             "into (optional).")] = None,
+                 json_: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a "
+                                                     "table.")] = False,
+                 set_: SetOpt = None) -> None:
+    """The sanity floor: a histogram/statistics model on the cached windows inside the body, same folds.
+
+    Says when it is at chance (constant images, labels misaligned with rows); the CNN should beat it."""
+    from ctprep.config import ConfigError
+    from cttrain.baseline import run_floor
+    from cttrain.config import load_config
+    from cttrain.cv import CVError, store_fold_count
+    from cttrain.floor import render_table, write_floor
+    from cttrain.metrics import jsonable
+
+    if folds is not None and folds < 2:
+        raise ConfigError(f"--folds must be >= 2, got {folds}")
+    cfg = load_config(config, list(set_ or []), {"data.cache": cache})
+    k = folds if folds is not None else store_fold_count(cfg.data.cache)
+    if k < 2:
+        raise CVError(f"{cfg.data.cache}: the store has no folds yet; run ctprep make-folds {cfg.data.cache}")
+    floor = run_floor(cfg.data.cache, k, channels=cfg.data.channels)
+    block = write_floor(out / "results", floor) if out is not None else floor.block()
+    if json_:
+        positives = {name: floor.metrics["per_label"][name]["positives"] for name in floor.label_names}
+        sys.stdout.write(json.dumps(jsonable({**block, "positives": positives, "folds": k}), indent=1) + "\n")
+        return
+    console = _console()
+    console.print(render_table(floor))
+    colour = "red" if block["at_chance"] else "green"
+    console.print(f"[{colour}]{block['message']}[/{colour}]", soft_wrap=True)
+    console.print(f"model: {block['model']} ({floor.seconds:.1f} s)", highlight=False, soft_wrap=True)
+    if out is not None:
+        console.print(f"[green]wrote[/green] {out / 'results'}")
 
 
 # ---------------------------------------------------------------------------------- predict, evaluate, report

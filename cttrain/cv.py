@@ -4,10 +4,12 @@ thresholds on them and write the run's summaries (layout in DESIGN.md).
     results/fold_k.json, fold_k_predictions.csv, fold_k_labels.csv   written by `engine.train_fold`
     results/oof_predictions.csv, oof_labels.csv                       every held-out row exactly once
     results/thresholds.json                                           tuned on all OOF predictions
+    results/floor_oof_predictions.csv, floor.json                      the sanity floor (cttrain/floor.py)
     results/cv_results_detailed.json, cv_summary.json                 per fold and pooled metrics
 
 Folds run in this process one after another, or, given several devices, one `cttrain fold`
-subprocess per device, each device taking the next fold when it is free. A finished fold (its
+subprocess per device (cttrain/scheduler.py). After the folds, the sanity floor is fitted on the
+same folds and compared label by label with the CNN (`floor`, `below_floor`). A finished fold (its
 `results/fold_k.json` exists) is skipped on `--resume`; an interrupted one continues from its
 last checkpoint (the engine's job).
 """
@@ -19,11 +21,8 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
-import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from ctprep.config import ConfigError, to_dict
 from cttrain.config import ExperimentConfig, load_config, save_config
 from cttrain.metrics import MACRO_METRICS, challenge_metrics, jsonable, ranking_score
 from cttrain.predict import record_store
+from cttrain.scheduler import run_parallel
 from cttrain.thresholds import apply_fold_thresholds, nested_fold_thresholds, save_thresholds, tune_thresholds
 
 # Keys that say where and how fast a run executes, not what it computes: a resumed run may change
@@ -121,7 +121,7 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def _write_json(path: Path, data: Any) -> Path:
+def write_json(path: Path, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
     tmp.write_text(json.dumps(jsonable(data), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -150,63 +150,6 @@ def run_fold(cfg: ExperimentConfig, run_dir: str | Path, fold: int, *, k: int, r
     return train_fold(cfg, fold, Path(run_dir), k=k, resume=resume, console=console)
 
 
-def fold_command(run_dir: Path, fold: int, k: int, device: str, resume: bool) -> list[str]:
-    """The subprocess that trains one fold on one device. Without `resume` the saved config is
-    passed as `--config` so a stale checkpoint of an earlier run is not continued."""
-    cmd = [sys.executable, "-m", "cttrain", "fold", str(fold), "--out", str(run_dir), "--folds", str(k)]
-    cmd += ["--resume"] if resume else ["--config", str(run_dir / "config.yaml")]
-    return cmd + ["--set", f"training.device={device}"]
-
-
-def _start_fold(run_dir: Path, fold: int, k: int, device: str, resume: bool, command: Callable[..., list[str]],
-                env: dict[str, str]) -> tuple[int, subprocess.Popen, Any, Path]:
-    log = run_dir / "logs" / f"fold_{fold}" / "cttrain.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    handle = log.open("w", encoding="utf-8")
-    proc = subprocess.Popen(command(run_dir, fold, k, device, resume), stdout=handle, stderr=subprocess.STDOUT,
-                            env=env)
-    return fold, proc, handle, log
-
-
-def run_parallel(run_dir: Path, folds: Sequence[int], devices: Sequence[str], *, k: int, resume: bool,
-                 console: Any, command: Callable[..., list[str]] = fold_command, poll_s: float = 1.0) -> None:
-    """Run folds as subprocesses, one per device at a time; a free device takes the next fold.
-
-    Each fold's output goes to RUN_DIR/logs/fold_k/cttrain.log. Failed folds are reported together
-    after the others finished (a CVError naming them and their logs)."""
-    queue, running, failed = list(folds), {}, []
-    env = dict(os.environ)
-    if all(d == "cpu" for d in devices):  # CPU folds share the cores instead of oversubscribing them
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(devices))))
-    try:
-        while queue or running:
-            for slot, device in enumerate(devices):  # slots, so `cuda:0,cuda:0` runs two folds on one GPU
-                if slot not in running and queue:
-                    running[slot] = _start_fold(run_dir, queue.pop(0), k, device, resume, command, env)
-                    console.print(f"fold {running[slot][0]}: started on {device} (log {running[slot][3]})")
-            time.sleep(poll_s)
-            for slot, (fold, proc, handle, log) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                handle.close()
-                del running[slot]
-                device = devices[slot]
-                if proc.returncode == 0:
-                    console.print(f"fold {fold}: finished on {device}")
-                else:
-                    failed.append(f"fold {fold} on {device} (exit {proc.returncode}, see {log})")
-    finally:
-        for _fold, proc, handle, _log in running.values():  # interrupted: stop the folds we started
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            handle.close()
-    if failed:
-        raise CVError("failed: " + "; ".join(failed))
-
-
 def run_cv(cfg: ExperimentConfig, run_dir: Path, *, k: int, resume: bool = False,
            devices: list[str] | None = None, console: Any = None) -> dict:
     """Run all `k` folds, then `summarize`. Returns the cv_summary.json content."""
@@ -218,6 +161,12 @@ def run_cv(cfg: ExperimentConfig, run_dir: Path, *, k: int, resume: bool = False
     cfg = dataclasses.replace(cfg, folds=dataclasses.replace(cfg.folds, k=k))
     write_run_config(cfg, run_dir, resume=resume)
     record_store(run_dir, cfg.data.cache)
+    from cttrain.baseline import run_floor
+    from cttrain.floor import floor_lines, write_floor
+
+    # The floor first (seconds on the demo): a chance-level store is named before training time is spent.
+    console.print(floor_lines({"floor": write_floor(run_dir / "results", run_floor(
+        cfg.data.cache, k, channels=cfg.data.channels))})[0])
     todo = [f for f in range(k) if not (resume and fold_done(run_dir, f))]
     if len(todo) < k:
         console.print(f"resume: fold(s) {sorted(set(range(k)) - set(todo))} already finished, skipped")
@@ -234,6 +183,8 @@ def run_cv(cfg: ExperimentConfig, run_dir: Path, *, k: int, resume: bool = False
     pooled = summary["oof"]["auroc_macro"]
     console.print(f"CV macro AUROC {summary['auroc_macro']} over {summary['valid_folds']}/{k} folds; pooled "
                   f"OOF AUROC {'n/a' if pooled is None else f'{pooled:.4f}'}; {run_dir / 'results'}")
+    for line in floor_lines(json.loads((run_dir / "results" / "cv_results_detailed.json").read_text(encoding="utf-8"))):
+        console.print(line)
     return summary
 
 
@@ -305,12 +256,17 @@ def _write_csv(path: Path, header: list[str], rows: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_predictions(path: Path, oof: OOF) -> None:
+    """VolumeName, fold, one probability column per label (oof_predictions.csv and the floor's)."""
+    rows = zip(oof.volume_names, oof.folds, oof.probs, strict=True)
+    _write_csv(path, ["VolumeName", "fold", *oof.label_names],
+               [[v, int(f), *(f"{x:.9g}" for x in p)] for v, f, p in rows])
+
+
 def write_oof(results: Path, oof: OOF) -> None:
-    """results/oof_predictions.csv (VolumeName, fold, one column per label) and oof_labels.csv
-    (the labels-CSV shape), so `cttrain evaluate` can score the pooled predictions."""
-    rows = zip(oof.volume_names, oof.folds, oof.probs, oof.labels, strict=True)
-    _write_csv(results / "oof_predictions.csv", ["VolumeName", "fold", *oof.label_names],
-               [[v, int(f), *(f"{x:.9g}" for x in p)] for v, f, p, _ in rows])
+    """results/oof_predictions.csv and oof_labels.csv (the labels-CSV shape), so `cttrain evaluate`
+    can score the pooled predictions."""
+    write_predictions(results / "oof_predictions.csv", oof)
     rows = zip(oof.volume_names, oof.labels, strict=True)
     _write_csv(results / "oof_labels.csv", ["VolumeName", *oof.label_names],
                [[v, *(int(x) for x in y)] for v, y in rows])
@@ -388,6 +344,10 @@ def summarize(run_dir: str | Path, k: int, method: str | None = None) -> dict:
                     {"source": "out-of-fold predictions", "folds": done, "n": int(len(y))})
     tuned = apply_fold_thresholds(p, folds, nested)
     pooled_tuned = challenge_metrics(y, tuned, names)
+    from cttrain.floor import below_floor, load_floor
+
+    floor = load_floor(results)  # None for runs made before the floor
+    below = below_floor(pooled["per_label"], floor)
 
     blocks = [_fold_block(f, fold_json[f], y[folds == f], p[folds == f], tuned[folds == f], names, nested[f])
               for f in done]
@@ -399,15 +359,15 @@ def summarize(run_dir: str | Path, k: int, method: str | None = None) -> dict:
         **{name: _human(stats[name]) for name in SUMMARY_METRICS if name != "crg"},
         "valid_folds": len(valid), "total_folds": k,
         "metrics": stats, "oof": oof_flat, "missing_folds": [f for f in range(k) if f not in done],
-        "note": RANKING_NOTE,
+        "floor": floor, "below_floor": below, "note": RANKING_NOTE,
     }
     detailed = {
         "folds": {str(b["fold"]): b for b in blocks},
         "oof": {"macro": pooled["macro"], "per_label": pooled["per_label"], "crg": pooled["crg"],
                 "macro_tuned": pooled_tuned["macro"], "crg_tuned": pooled_tuned["crg"], "n": pooled["n"]},
         "thresholds": {"method": method, "values": dict(zip(names, thresholds.tolist(), strict=True))},
-        "summary": summary,
+        "floor": floor, "below_floor": below, "summary": summary,
     }
-    _write_json(results / "cv_results_detailed.json", detailed)
-    _write_json(results / "cv_summary.json", summary)
+    write_json(results / "cv_results_detailed.json", detailed)
+    write_json(results / "cv_summary.json", summary)
     return jsonable(summary)  # type: ignore[return-value]

@@ -1,6 +1,7 @@
 """`cttrain report RUN_DIR`: figures and a markdown summary of a cross-validation run.
 
-Writes RUN_DIR/report/{roc_curves,auroc_by_label,training_curves,calibration}.png and report.md.
+Writes RUN_DIR/report/{roc_curves,auroc_by_label,training_curves,calibration}.png and report.md;
+with a sanity floor in cv_summary.json (`cttrain/floor.py`), the per-label figure and table show it.
 Every input but the run directory itself is optional: a figure whose inputs are missing or
 unreadable is skipped with a note in report.md, so a half-finished run still gets a report.
 
@@ -23,7 +24,10 @@ import numpy as np
 
 from ctprep.naming import LABEL_NAMES
 from cttrain.evaluate import EvaluateError, match_rows, read_labels_csv, read_prediction_table
+from cttrain.floor import floor_aurocs, floor_cells, floor_notes
 from cttrain.metrics import MACRO_METRICS, challenge_metrics
+from cttrain.report_figures import Skip as _Skip
+from cttrain.report_figures import calibration_figure, training_figure
 from cttrain.thresholds import ThresholdsError, load_thresholds
 
 DPI = 120
@@ -35,10 +39,6 @@ _RC = {"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "xtick.label
 
 class ReportError(ValueError):
     """The run directory cannot be reported on (the message names the path)."""
-
-
-class _Skip(Exception):
-    """A figure's inputs are missing; the message becomes a note in report.md."""
 
 
 @dataclass
@@ -224,86 +224,20 @@ def _auroc_figure(run: _Run):
                    label="single fold")
     if np.isfinite(oof).any():
         ax.scatter(oof[order], ypos, marker="D", s=30, color="C3", zorder=4, label="pooled out-of-fold")
+    floor = floor_aurocs(run.summary, run.labels)
+    if floor is not None:
+        ax.scatter(floor[order], ypos, marker="|", s=220, linewidths=2.5, color="C1", zorder=5, label="sanity floor")
     ax.axvline(0.5, ls="--", lw=1, color="0.5", label="chance")
     ax.set_yticks(ypos, [run.labels[j] for j in order])
-    low = np.nanmin(np.concatenate([per_fold.ravel(), oof, [0.5]]))
+    for tick, j in zip(ax.get_yticklabels(), order, strict=True):
+        if floor is not None and oof[j] <= floor[j]:  # nan compares False: no flag without both AUROCs
+            tick.set_color("C3")
+    low = np.nanmin(np.concatenate([per_fold.ravel(), oof, [0.5], [] if floor is None else floor]))
     ax.set_xlim(min(0.4, low - 0.03), 1.0)
     ax.set_xlabel("AUROC")
     ax.set_title("Per-label AUROC (sorted; labels with one class have no bar)")
-    fig.legend(loc="outside lower center", ncols=4, frameon=False)
+    fig.legend(loc="outside lower center", ncols=5, frameon=False)
     ax.grid(axis="x", alpha=0.3)
-    return fig
-
-
-# (panel title, y label, (column, line style, legend name)) for the metrics.csv columns we plot.
-_CURVES = (("Loss", "loss", (("train_loss", "-", "train"), ("val_loss", "--", "validation"))),
-           ("Validation AUROC", "macro AUROC", (("val_auroc", "-", None),)),
-           ("Validation F1 (p ≥ 0.5)", "macro F1", (("val_f1", "-", None),)))
-
-
-def _training_figure(run: _Run):
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    def present(column: str) -> bool:
-        return any(column in log and np.isfinite(log[column]).any() for log in run.logs.values())
-
-    panels = [(title, ylabel, [c for c in curves if present(c[0])]) for title, ylabel, curves in _CURVES]
-    panels = [panel for panel in panels if panel[2]]
-    if not panels:
-        raise _Skip("Training curves: no `logs/fold_k/metrics.csv` with loss or validation columns.")
-    fig = Figure(figsize=(4.8 * len(panels), 4.0), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for i, (ax, (title, ylabel, curves)) in enumerate(zip(axes, panels, strict=True)):
-        for k, log in sorted(run.logs.items()):
-            n = len(next(iter(log.values())))
-            epochs = log["epoch"] if "epoch" in log else np.arange(1, n + 1)
-            for column, style, _ in curves:
-                if column in log:
-                    ok = np.isfinite(log[column])
-                    ax.plot(epochs[ok], log[column][ok], style, color=f"C{k % 10}", lw=1.5,
-                            marker="o" if ok.sum() < 15 else None, ms=3)
-        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
-        ax.grid(alpha=0.3)
-        # Fold colours are shared by all panels: list them once; line styles where they mean something.
-        handles = [Line2D([], [], color=f"C{k % 10}", label=f"fold {k}") for k in sorted(run.logs) if i == 0]
-        handles += [Line2D([], [], color="0.3", ls=style, label=name) for _, style, name in curves if name]
-        if handles:
-            ax.legend(handles=handles, loc="best", framealpha=0.9)
-    fig.suptitle("Training curves per fold")
-    return fig
-
-
-def _calibration_figure(run: _Run):
-    from matplotlib.figure import Figure
-
-    if run.oof is None:
-        raise _Skip("Calibration: no usable out-of-fold predictions with labels.")
-    y = run.oof["y"].ravel().astype(bool)
-    p = run.oof["probs"].ravel()
-    edges = np.linspace(0, 1, 11)
-    index = np.clip(np.digitize(p, edges[1:-1]), 0, 9)
-    count = np.bincount(index, minlength=10)
-    filled = count > 0
-    confidence = np.bincount(index, weights=p, minlength=10)[filled] / count[filled]
-    observed = np.bincount(index, weights=y, minlength=10)[filled] / count[filled]
-    ece = float(np.sum(count[filled] / p.size * np.abs(observed - confidence)))
-    fig = Figure(figsize=(10.5, 4.4), layout="constrained")
-    left, right = fig.subplots(1, 2)
-    centers = (edges[:-1] + edges[1:])[filled] / 2
-    left.bar(centers, observed, width=0.09, color="C0", alpha=0.7, label="observed positive fraction")
-    left.plot(confidence, observed, "o-", color="C3", ms=4, clip_on=False, label="mean predicted (x) vs observed (y)")
-    left.plot([0, 1], [0, 1], ls="--", color="0.4", lw=1, label="perfect calibration")
-    left.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted probability", ylabel="fraction positive",
-             title=f"Reliability, all labels pooled (ECE {ece:.3f})")
-    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, frameon=False)
-    right.hist([p[~y], p[y]], bins=edges, color=["0.6", "C3"], label=["negative", "positive"])
-    right.set_yscale("log")
-    right.axvline(0.5, ls="--", color="0.3", lw=1)
-    right.set(xlim=(0, 1), xlabel="predicted probability", ylabel="predictions (log scale)",
-              title=f"Score distribution ({y.sum()} positive of {y.size} cells)")
-    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, frameon=False)
-    fig.suptitle("Calibration of out-of-fold probabilities")
     return fig
 
 
@@ -332,7 +266,8 @@ _FIGURE_TEXT = {
     "roc_curves": ("ROC curves", "Out-of-fold ROC curve per label; dot: the operating point at p ≥ 0.5, "
                    "square: at the tuned threshold."),
     "auroc_by_label": ("Per-label AUROC", "Bars from chance to the fold mean, ± std over folds; grey dots: "
-                       "single folds; red diamonds: pooled out-of-fold."),
+                       "single folds; red diamonds: pooled out-of-fold; orange ticks: the sanity floor "
+                       "(`cttrain baseline`, same folds); red label names: the CNN at or below the floor."),
     "training_curves": ("Training curves", "Loss and validation metrics per epoch, one colour per fold."),
     "calibration": ("Calibration", "Reliability diagram and score distribution of the pooled out-of-fold "
                     "probabilities (all labels together)."),
@@ -363,7 +298,8 @@ def _summary_lines(run: _Run) -> list[str]:
                      f"CRG {_fmt(tuned.get('crg_tuned'))}.")
     notes.append("Thresholded metrics use p ≥ 0.5. The ranking score is the mean of the five macro metrics "
                  "(this project's single number; the challenge ranks teams by a points system).")
-    return [*lines, "", " ".join(notes)]
+    floor = floor_notes(summary, run.labels)
+    return [*lines, "", " ".join(notes), *(["", " ".join(floor)] if floor else [])]
 
 
 def _per_label_lines(run: _Run) -> list[str]:
@@ -372,12 +308,17 @@ def _per_label_lines(run: _Run) -> list[str]:
     head, rule = "| label | positives | AUROC | F1 | precision | recall |", "|---|---:|---:|---:|---:|---:|"
     if run.thresholds is not None:
         head, rule = head + " tuned threshold |", rule + "---:|"
+    floor = floor_aurocs(run.summary, run.labels)
+    if floor is not None:
+        head, rule = head + " floor AUROC | vs floor |", rule + "---:|---|"
     lines = ["## Per-label out-of-fold metrics (p ≥ 0.5)", "", head, rule]
     for j, label in enumerate(run.labels):
         row = run.oof["metrics"]["per_label"][label]
         cells = [str(row["positives"]), *(_fmt(row[m]) for m in ("auroc", "f1", "precision", "recall"))]
         if run.thresholds is not None:
             cells.append(f"{run.thresholds[j]:.3f}")
+        if floor is not None:
+            cells += floor_cells(row["auroc"], floor[j])
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -407,7 +348,7 @@ def make_report(run_dir: Path | str) -> list[Path]:
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     builders = {"roc_curves": _roc_figure, "auroc_by_label": _auroc_figure,
-                "training_curves": _training_figure, "calibration": _calibration_figure}
+                "training_curves": training_figure, "calibration": calibration_figure}
     written: dict[str, Path] = {}
     with matplotlib.rc_context(_RC):
         for name, build in builders.items():
