@@ -4,6 +4,8 @@ Iterative stratification (Sechidis, Tsoumakas & Vlahavas, "On the Stratification
 Data", ECML PKDD 2011; implementation: the `iterative-stratification` package) is run over
 *patients*, each represented by the union of its volumes' labels, so all scans and reconstructions of
 one patient land in one fold (the pipeline we replace split by row and leaked patients across folds).
+The stratifier balances patients; `ctprep.fold_balance` then moves and swaps whole patients so that
+what training and evaluation count, volumes per fold and positive volumes per label, is even too.
 """
 
 from __future__ import annotations
@@ -42,24 +44,16 @@ def _stratified_patient_folds(union: np.ndarray, k: int, random_state: int) -> n
     return patient_fold
 
 
-def _imbalance(volume_fold: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """How unevenly volumes and per-label positives spread over folds (0 = perfectly even)."""
-    onehot = np.eye(k, dtype=np.float64)[volume_fold]                # (N, k)
-    sizes = onehot.sum(0)
-    positives = onehot.T @ labels.astype(np.float64)                 # (k, L)
-    mean_pos = positives.mean(0)
-    used = mean_pos > 0
-    pos_cv = (positives[:, used].std(0) / mean_pos[used]).mean() if used.any() else 0.0
-    return float(pos_cv + sizes.std() / sizes.mean())
-
-
 def assign_folds(patient_ids: Sequence[str], labels: np.ndarray, k: int, seed: int,
-                 candidates: int = 8) -> np.ndarray:
+                 candidates: int = 4) -> np.ndarray:
     """Fold index (0..k-1) per volume; deterministic for a given seed and input data.
 
-    The stratifier balances *patients*; patients contribute different numbers of volumes, so we run it
-    with `candidates` random states derived from `seed` and keep the split whose per-fold volume
-    counts and per-label volume positives are most even."""
+    Iterative stratification over patients with `candidates` random states derived from `seed`
+    gives the start most even in volumes; `fold_balance.balance` then refines it by whole-patient
+    moves and swaps (and tries a greedy start too), minimising the squared relative deviation of
+    fold sizes and of every label's positive volumes per fold."""
+    from ctprep.fold_balance import balance, objective, patient_counts
+
     patients, union = patient_label_union(patient_ids, labels)
     if k < 2:
         raise FoldError(f"--folds must be >= 2, got {k}")
@@ -67,17 +61,19 @@ def assign_folds(patient_ids: Sequence[str], labels: np.ndarray, k: int, seed: i
         raise FoldError(f"{len(patients)} patients cannot fill {k} folds (need at least one patient per fold)")
     # Sorting patients first makes the result independent of row order in the labels CSV.
     order = np.argsort(np.asarray(patients, dtype=object), kind="stable")
+    rank = np.empty(len(patients), dtype=np.int64)
+    rank[order] = np.arange(len(patients))
     index = {p: i for i, p in enumerate(patients)}
-    volume_patient = np.fromiter((index[p] for p in patient_ids), dtype=np.int64, count=len(patient_ids))
+    volume_patient = rank[np.fromiter((index[p] for p in patient_ids), dtype=np.int64, count=len(patient_ids))]
+    counts = patient_counts(volume_patient, labels, len(patients))   # patients in sorted order
     best, best_score = None, np.inf
     for c in range(max(1, candidates)):
-        patient_fold = np.empty(len(patients), dtype=np.int8)
-        patient_fold[order] = _stratified_patient_folds(union[order], k, seed * 1009 + c)
-        volume_fold = patient_fold[volume_patient]
-        score = _imbalance(volume_fold, labels, k)
+        start = _stratified_patient_folds(union[order], k, seed * 1009 + c).astype(np.int64)
+        score = objective(start, counts, k)
         if score < best_score - 1e-12:
-            best, best_score = volume_fold, score
-    return best
+            best, best_score = start, score
+    patient_fold = balance(best, volume_patient, labels, k, seed)
+    return patient_fold[volume_patient].astype(np.int8)
 
 
 def check_patient_disjoint(patient_ids: Sequence[str], folds: np.ndarray, names: Sequence[str]) -> None:
@@ -167,7 +163,28 @@ def fold_table(folds: np.ndarray, patient_ids: Sequence[str], labels: np.ndarray
             entry["written"] = int((mask & written).sum())
         out["folds"].append(entry)
     out["unassigned"] = int((folds < 0).sum())
+    out.update(_spreads(out["folds"], label_names))
     return out
+
+
+def _spreads(entries: list[dict[str, Any]], label_names: Sequence[str]) -> dict[str, Any]:
+    """max - min over folds per label and of fold sizes, and the worst label relative to the
+    make-folds target (max(2, 20 % of the per-fold mean) for labels with >= 10 positives)."""
+    if not entries:
+        return {"spread": {}, "size_spread": 0, "worst_spread": None}
+    sizes = [e["volumes"] for e in entries]
+    spread, rows = {}, []
+    for name in label_names:
+        pos = [e["positives"][name] for e in entries]
+        mean = float(np.mean(pos))
+        spread[name] = max(pos) - min(pos)
+        allowed = max(2.0, 0.2 * mean)
+        rows.append({"label": name, "spread": spread[name], "mean": round(mean, 2), "allowed": round(allowed, 2),
+                     "positives": sum(pos), "ratio": round(spread[name] / allowed, 3)})
+    # The target is for labels with >= 10 positives; rarer ones only when no label has that many.
+    pool = [r for r in rows if r["positives"] >= 10] or [r for r in rows if r["positives"] > 0]
+    worst = max(pool, key=lambda r: r["ratio"]) if pool else None
+    return {"spread": spread, "size_spread": max(sizes) - min(sizes), "worst_spread": worst}
 
 
 def make_folds(store_path: str | Path, *, k: int, seed: int, from_file: Path | None = None) -> dict[str, Any]:
@@ -181,7 +198,7 @@ def make_folds(store_path: str | Path, *, k: int, seed: int, from_file: Path | N
         meta = {"k": int(folds.max()) + 1, "seed": None, "method": "file", "source": str(from_file)}
     else:
         folds = assign_folds(pids, labels, k, seed)
-        meta = {"k": k, "seed": seed, "method": "patient-multilabel-iterative-stratification"}
+        meta = {"k": k, "seed": seed, "method": "patient-multilabel-iterative-stratification+volume-balance"}
     check_patient_disjoint(pids, folds, names)
     # Write folds.json first: if that fails, the store is untouched.
     folds_json = folds_json_path(store_path)

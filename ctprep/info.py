@@ -88,10 +88,21 @@ def render_fold_table(table: dict[str, Any], label_names: list[str]) -> Any:
     out.add_column("label")
     for entry in table["folds"]:
         out.add_column(f"fold {entry['fold']}", justify="right")
-    out.add_row("volumes", *[str(e["volumes"]) for e in table["folds"]], style="bold")
-    out.add_row("patients", *[str(e["patients"]) for e in table["folds"]], style="bold")
+    out.add_column("max-min", justify="right")
+    patients = [e["patients"] for e in table["folds"]]
+    out.add_row("volumes", *[str(e["volumes"]) for e in table["folds"]], str(table.get("size_spread", "")),
+                style="bold")
+    out.add_row("patients", *map(str, patients), str(max(patients, default=0) - min(patients, default=0)),
+                style="bold")
+    spread = table.get("spread", {})
     for name in label_names:
-        out.add_row(name, *[str(e["positives"][name]) for e in table["folds"]])
+        out.add_row(name, *[str(e["positives"][name]) for e in table["folds"]], str(spread.get(name, "")))
+    worst = table.get("worst_spread")
+    if worst:
+        met = "[green]within[/green]" if worst["spread"] <= worst["allowed"] else "[red]above[/red]"
+        out.caption = (f"worst per-label spread: {worst['label']} max-min {worst['spread']} positive volumes "
+                       f"(mean {worst['mean']:g} per fold; {met} the target max(2, 20 % of mean) = "
+                       f"{worst['allowed']:g})")
     return out
 
 
