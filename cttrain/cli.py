@@ -247,8 +247,12 @@ def predict_cmd(
     run: Annotated[Path, typer.Option("--run", help="Run directory of `cttrain cv` (its fold checkpoints).")],
     cache: Annotated[str, typer.Option("--cache", help="ctprep store to predict (labels and folds are ignored).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="File to write.")],
-    fmt: Annotated[Format, typer.Option("--format", help="csv: VolumeName + one raw probability per label; "
-                                        "vlm3d: challenge submission JSON, thresholds folded in.")] = Format.csv,
+    fmt: Annotated[Format, typer.Option("--format", help="csv: VolumeName + one probability per label (+ a "
+                                        "`probabilities` column: raw|remapped); vlm3d: challenge submission "
+                                        "JSON.")] = Format.csv,
+    remap: Annotated[Optional[bool], typer.Option("--remap/--raw", help="Fold the run's tuned thresholds into "
+                                                  "the probabilities (monotone, sends each threshold to 0.5) or "
+                                                  "write them raw. Default: remapped for vlm3d, raw for csv.")] = None,
     checkpoint: Annotated[Optional[Checkpoint], typer.Option("--checkpoint", help="Which checkpoint of each "
                                                              "fold (default: evaluation.checkpoint).")] = None,
     tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Average with a left-right flipped copy "
@@ -261,26 +265,29 @@ def predict_cmd(
 
     _set_threads(device)
     path = predict(run, cache, out, fmt=fmt.value, checkpoint=checkpoint.value if checkpoint else None,
-                   tta_flip=tta, batch_size=batch_size, device=device)
-    _console().print(f"[green]wrote[/green] {path}")
+                   tta_flip=tta, batch_size=batch_size, device=device, remapped=remap)
+    kind = "remapped" if (remap if remap is not None else fmt == Format.vlm3d) else "raw"
+    _console().print(f"[green]wrote[/green] {path} ({kind} probabilities)")
 
 
 @_command("evaluate")
 def evaluate_cmd(
-    predictions: Annotated[Path, typer.Argument(help="Prediction CSV: VolumeName + one probability column per "
-                                                "label (extra columns such as `fold` are ignored).")],
+    predictions: Annotated[Path, typer.Argument(help="Prediction CSV (VolumeName + one probability column per "
+                                                "label; extra columns such as `fold` are ignored) or the VLM3D "
+                                                "submission JSON of `predict --format vlm3d`.")],
     labels: Annotated[Path, typer.Option("--labels", help="Labels CSV: VolumeName + one 0/1 column per label.")],
     json_: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table.")] = False,
 ) -> None:
     """Score predictions with the VLM3D Task 2 metrics (p >= 0.5, macro over labels, CRG)."""
-    from cttrain.evaluate import evaluate_files, render_table
+    from cttrain.evaluate import describe_predictions, evaluate_files, render_table
     from cttrain.metrics import jsonable
 
     result = evaluate_files(predictions, labels)
     if json_:
-        keep = {key: result[key] for key in ("macro", "per_label", "crg", "n")}
+        keep = {key: result[key] for key in ("macro", "per_label", "crg", "n", "predictions")}
         sys.stdout.write(json.dumps(jsonable(keep), indent=1) + "\n")
     else:
+        Console().print(describe_predictions(result), highlight=False, soft_wrap=True)
         Console().print(render_table(result))
 
 

@@ -150,8 +150,11 @@ def _write_atomic(out: Path, write: Any) -> Path:
     return out
 
 
-def submission(names: list[str], label_names: list[str], probs: np.ndarray) -> list[dict]:
-    """The VLM3D Task 2 submission structure, probabilities keyed by the 18 exact label names."""
+def submission(names: list[str], label_names: list[str], probs: np.ndarray, kind: str = "remapped") -> list[dict]:
+    """The VLM3D Task 2 submission structure, probabilities keyed by the 18 exact label names.
+
+    `data[0]["cttrain"]["probabilities"]` records `kind` (raw | remapped); the official evaluator
+    reads only `data[0]["outputs"][0]["value"]["predictions"]`, so the extra key is harmless there."""
     index = {name: j for j, name in enumerate(label_names)}
     missing = [name for name in LABEL_NAMES if name not in index]
     if missing:
@@ -160,45 +163,52 @@ def submission(names: list[str], label_names: list[str], probs: np.ndarray) -> l
     predictions = [{"input_image_name": name,
                     "probabilities": {label: float(p[index[label]]) for label in LABEL_NAMES}}
                    for name, p in zip(names, probs, strict=True)]
-    return [{"outputs": [{"value": {"predictions": predictions}}]}]
+    return [{"outputs": [{"value": {"predictions": predictions}}], "cttrain": {"probabilities": kind}}]
 
 
 def predict(run_dir: str | Path, cache: str | Path, out: str | Path, *, fmt: str = "csv",
             checkpoint: str | None = "best_auroc", tta_flip: bool | None = False, batch_size: int | None = None,
-            device: str = "auto") -> Path:
+            device: str = "auto", remapped: bool | None = None) -> Path:
     """Predict every written row of `cache` with the mean of the run's fold models; write `out`.
 
+    `remapped`: fold the run's results/thresholds.json into the probabilities (a monotone map
+    sending each tuned threshold to 0.5, which leaves AUROC unchanged), because the challenge
+    thresholds every label at 0.5. None = the format's default: remapped for vlm3d (what the
+    challenge scores), raw for csv (the ensemble's own probabilities, what AUROC, calibration and
+    new threshold tuning want). Either way the file records which it holds.
     fmt="csv": the labels-CSV shape, `VolumeName` then one column per label named exactly as the
-    label, holding the RAW mean probabilities (no threshold remap): `cttrain evaluate` then scores
-    the ensemble at the challenge's fixed 0.5.
-    fmt="vlm3d": the challenge submission JSON; probabilities are remapped with the run's
-    results/thresholds.json (a monotone map sending each tuned threshold to 0.5, which leaves AUROC
-    unchanged), because the challenge thresholds every label at 0.5.
+    label, then a `probabilities` column saying `raw` or `remapped` on every row.
+    fmt="vlm3d": the challenge submission JSON (kind in `data[0]["cttrain"]["probabilities"]`).
     `checkpoint` / `tta_flip` None mean the run config's `evaluation.checkpoint` / `tta_flip`.
     """
     from cttrain.config import load_config
+    from cttrain.evaluate import KIND_COLUMN
     from cttrain.thresholds import load_thresholds, remap
 
     run_dir, out = Path(run_dir), Path(out)
     if fmt not in FORMATS:
         raise PredictError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    remapped = fmt == "vlm3d" if remapped is None else remapped
     thresholds_path = run_dir / "results" / "thresholds.json"
-    if fmt == "vlm3d" and not thresholds_path.is_file():
-        raise PredictError(f"{thresholds_path}: missing; finish the run with `cttrain cv` (it tunes thresholds "
-                           "on out-of-fold predictions) or use --format csv")
+    if remapped and not thresholds_path.is_file():
+        raise PredictError(f"{thresholds_path}: missing, so the probabilities cannot be remapped; finish the run "
+                           "with `cttrain cv` (it tunes thresholds on out-of-fold predictions) or pass --raw")
     if checkpoint is None or tta_flip is None:
         evaluation = load_config(run_dir / "config.yaml").evaluation if (run_dir / "config.yaml").is_file() else None
         checkpoint = checkpoint or (evaluation.checkpoint if evaluation else "best_auroc")
         tta_flip = bool(evaluation.tta_flip) if tta_flip is None and evaluation else bool(tta_flip)
     names, labels, probs = ensemble_probs(run_dir, cache, checkpoint=checkpoint, tta_flip=tta_flip,
                                           batch_size=batch_size, device=device)
+    kind = "remapped" if remapped else "raw"
+    if remapped:
+        thresholds, _ = load_thresholds(thresholds_path, labels)
+        probs = remap(np.clip(probs, 0.0, 1.0), thresholds)
     if fmt == "csv":
         def write(handle: Any) -> None:
             writer = csv.writer(handle)
-            writer.writerow(["VolumeName", *labels])
-            writer.writerows([name, *(f"{p:.9g}" for p in row)] for name, row in zip(names, probs, strict=True))
+            writer.writerow(["VolumeName", *labels, KIND_COLUMN])
+            writer.writerows([name, *(f"{p:.9g}" for p in row), kind] for name, row in zip(names, probs, strict=True))
 
         return _write_atomic(out, write)
-    thresholds, _ = load_thresholds(thresholds_path, labels)
-    payload = submission(names, labels, remap(np.clip(probs, 0.0, 1.0), thresholds))
+    payload = submission(names, labels, probs, kind)
     return _write_atomic(out, lambda handle: json.dump(payload, handle, indent=1, ensure_ascii=False))

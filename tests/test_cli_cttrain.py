@@ -123,7 +123,8 @@ def test_evaluate_json_and_table(tmp_path):
     result = runner.invoke(app, ["evaluate", str(preds), "--labels", str(labels), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data) == {"macro", "per_label", "crg", "n"}
+    assert set(data) == {"macro", "per_label", "crg", "n", "predictions"}
+    assert data["predictions"] == {"path": str(preds), "format": "csv", "probabilities": None}
     assert set(data["macro"]) == {"auroc", "f1", "precision", "recall", "accuracy"}
     assert list(data["per_label"]) == list(LABEL_NAMES) and data["n"] == 12
     assert 0.5 < data["macro"]["auroc"] <= 1.0

@@ -204,6 +204,63 @@ def test_duplicate_volume_and_bad_label_value(tmp_path):
         read_labels_csv(tmp_path / "nope.csv")
 
 
+def _submission(path: Path, items: list) -> Path:
+    path.write_text(json.dumps([{"outputs": [{"value": {"predictions": items}}]}]), encoding="utf-8")
+    return path
+
+
+def test_evaluate_reads_the_vlm3d_submission_json(tmp_path):
+    names, y, probs, labels_csv = _tables(tmp_path)
+    items = []
+    for i, name in enumerate(names):
+        scores = {label: float(p) for label, p in zip(LABELS, probs[i], strict=True)}
+        if i % 2:
+            del scores[LABELS[4]]                                # a missing key is scored as 0.0
+        del scores[LABELS[-1]]                                   # absent everywhere
+        items.append({"input_image_name": f"{name}.mha" if i % 3 else f"{name}.nii.gz", "probabilities": scores})
+    sub = _submission(tmp_path / "sub.json", items[::-1])
+    expected_probs = probs.copy()
+    expected_probs[1::2, 4] = 0.0
+    expected_probs[:, -1] = 0.0
+    result = evaluate_files(sub, labels_csv)
+    expected = challenge_metrics(y, expected_probs, LABELS)
+    assert result["macro"] == expected["macro"] and result["crg"] == expected["crg"]
+    assert result["missing_label_columns"] == [LABELS[-1]]
+    assert result["missing_label_keys"] == {LABELS[4]: len(names) // 2}
+    assert result["predictions"] == {"path": str(sub), "format": "vlm3d", "probabilities": None}
+    assert "where the key is missing" in render_table(result).caption
+
+
+def _wrap(items: list) -> str:
+    return json.dumps([{"outputs": [{"value": {"predictions": items}}]}])
+
+
+def _item(name: str, **scores) -> dict:
+    return {"input_image_name": name, "probabilities": {k.replace("_", " "): v for k, v in scores.items()}}
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ("{not json", "not readable JSON"),
+        ('{"predictions": []}', r'not a VLM3D submission \(no data\[0\]\["outputs"\]'),
+        (_wrap([]), "holds no predictions"),
+        (_wrap([{"probabilities": {}}]), r"predictions\[0\]: no input_image_name"),
+        (_wrap([_item("a.nii.gz", Cardiomegaly="high")]),
+         r"predictions\[0\] \(a.nii.gz\), label 'Cardiomegaly': 'high' is not a number"),
+        (_wrap([_item("a.nii.gz", x=1), _item("b.mha", x=1)]), "no prediction has any of the 18"),
+        (_wrap([_item("a.nii.gz", Cardiomegaly=1), _item("a.mha", Cardiomegaly=1)]),
+         r"predictions\[1\]: volume 'a' appears more than once"),
+    ],
+)
+def test_bad_submissions_are_one_line_errors(tmp_path, payload, message):
+    path = tmp_path / "bad.json"
+    path.write_text(payload, encoding="utf-8")
+    with pytest.raises(EvaluateError, match=message) as info:
+        read_prediction_table(path)
+    assert "bad.json" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_render_table_shows_labels_and_crg(tmp_path):
     from rich.console import Console
 
