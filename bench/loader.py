@@ -241,6 +241,39 @@ def profile_stages(data: common.BenchData, store: Path, exp: Any, args: Any, dev
             "cached_ms": {key: round(1000 * v / reps, 1) for key, v in b.items()}}
 
 
+def checksum_cost(store: Path, exp: Any, args: Any, work: Path, reads: int = 24) -> dict[str, float]:
+    """Milliseconds per training read with and without the chunks' crc32c check: the store's
+    `images` against a copy of its first rows with the same chunks, shards and compressor but no
+    crc32c codec, read the same way (`arr[row, lo:hi]` over each read's chunk span), alternating."""
+    import shutil
+
+    import zarr
+
+    from cttrain.data import slice_indices
+
+    src = zarr.open_group(str(store), mode="r")["images"]
+    n = min(src.shape[0], 4)
+    codecs = [c for c in src.metadata.codecs[0].codecs[1:] if type(c).__name__ != "Crc32cCodec"]
+    path = work / "checksum-probe.zarr"
+    shutil.rmtree(path, ignore_errors=True)
+    plain = zarr.create_array(str(path), shape=(n, *src.shape[1:]), dtype=src.dtype, chunks=src.chunks,
+                              shards=src.shards, compressors=codecs, fill_value=0)
+    plain[:] = src[:n]
+    cs, k, stride = src.chunks[1], exp.data.slices, exp.data.slice_stride
+    totals = {"with_crc32c": 0.0, "without": 0.0}
+    for i in range(reads):
+        idx = slice_indices(src.shape[1], k, stride, True, np.random.default_rng([args.seed, i]))
+        lo, hi = int(idx.min()) // cs * cs, min((int(idx.max()) // cs + 1) * cs, src.shape[1])
+        for name, arr in (("with_crc32c", src), ("without", plain))[:: 1 if i % 2 else -1]:
+            with common.stopwatch() as t:
+                np.asarray(arr[i % n, lo:hi])
+            totals[name] += t["s"]
+    shutil.rmtree(path, ignore_errors=True)
+    out = {f"{key}_ms": round(1000 * v / reads, 2) for key, v in totals.items()}
+    out["cost_pct"] = round(100 * (totals["with_crc32c"] / totals["without"] - 1), 1)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -264,6 +297,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     onthefly = run_onthefly(data, exp, args, device)
     common.log("where time goes: each step, one volume at a time, in this process")
     stages = profile_stages(data, store, exp, args, device)
+    common.log("checksum cost: the store's reads with and without crc32c")
+    crc = checksum_cost(store, exp, args, args.data)
     if cached["shape"] != onthefly["shape"]:
         raise SystemExit(f"error: output shapes differ: {cached['shape']} vs {onthefly['shape']}")
     result = {
@@ -278,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": _shown(args.config), "set": args.set,
         "data": {"generator": data.generator, "scale": args.scale, "volumes": len(data.files),
                  "source_bytes": data.source_bytes},
-        "cached": cached, "cached_noaug": bare, "onthefly": onthefly, "stages": stages,
+        "cached": cached, "cached_noaug": bare, "onthefly": onthefly, "stages": stages, "checksum": crc,
         "machine": common.machine_info(),
     }
     common.emit("loader", result, args, _rows(result), ("pipeline", "volumes", "seconds", "volumes/s"),
@@ -308,6 +343,9 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
         steps = r["stages"][key]
         text = ", ".join(f"{k} {v:.0f}" for k, v in steps.items())
         rows.append((f"{side} ms per volume, one thread: {text}", "", "", f"{sum(steps.values()):.0f} ms"))
+    c = r["checksum"]
+    rows.append((f"store read, ms per window: {c['with_crc32c_ms']:.2f} with crc32c, {c['without_ms']:.2f} "
+                 "without", "", "", f"{c['cost_pct']:+.1f} %"))
     return rows
 
 

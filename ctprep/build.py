@@ -12,9 +12,11 @@ Decisions a user can rely on:
   differs. `overwrite` builds into `<out>.overwrite-tmp` and swaps it in at the end, unless the new
   store holds fewer written rows than the old one (then the old one is kept and the run says so).
 - Exit semantics (`BuildReport.ok`): any failure fails the run. QC flags (e.g. a constant image)
-  do not: those volumes are cached and listed loudly in the report and in failures.json.
-- failures.json goes beside the store; with `--shard I/N` (N > 1) each shard writes
-  `failures.shard-I-of-N.json` so concurrent shards do not overwrite each other's report.
+  do not: those volumes are cached and listed loudly in the report and in the failure report.
+- The failure report goes beside the store, named after it (`ctrate.zarr.failures.json`, see
+  `ctprep.store.side_file`), so two stores in one folder keep their own; with `--shard I/N` (N > 1)
+  each shard writes `<store>.failures.shard-I-of-N.json` so concurrent shards do not overwrite
+  each other's report.
 """
 
 from __future__ import annotations
@@ -76,9 +78,9 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def failures_path_for(out: str | Path, shard: tuple[int, int]) -> Path:
-    parent = Path(out).parent if "://" not in str(out) else Path.cwd()
-    i, n = shard
-    return parent / ("failures.json" if n == 1 else f"failures.shard-{i}-of-{n}.json")
+    from ctprep.store import side_file
+
+    return side_file(out, "failures", shard)
 
 
 # ------------------------------------------------------------------------------ store handling
@@ -326,7 +328,7 @@ def _warn_unreferenced(report: BuildReport, index: inputs.FileIndex, table: inpu
 
 
 def write_failures(report: BuildReport) -> None:
-    """failures.json beside the store (written atomically; an empty list means a clean run)."""
+    """The failure report beside the store (written atomically; an empty list means a clean run)."""
     if report.failures_path is None:
         return
     payload = {"store": report.store, "shard": list(report.shard), "failures": report.failures,

@@ -114,10 +114,10 @@ def make_folds_cmd(
     folds: Annotated[Optional[int], typer.Option("--folds", "-k", help="Number of folds (default: config folds.k, else 5).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: config folds.seed, else 42).")] = None,
     config: ConfigOpt = None,
-    from_file: Annotated[Optional[Path], typer.Option("--from", help="Use your own folds: folds.json or a VolumeName,fold CSV.")] = None,
+    from_file: Annotated[Optional[Path], typer.Option("--from", help="Use your own folds: a STORE.folds.json or a VolumeName,fold CSV.")] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Patient-grouped multi-label stratified folds; writes the store's `folds` and folds.json."""
+    """Patient-grouped multi-label stratified folds balanced in volumes; writes the store's `folds` and STORE.folds.json."""
     from ctprep.config import load_folds
     from ctprep.folds import make_folds
     from ctprep.info import render_fold_table
@@ -153,6 +153,23 @@ def info(
         sys.stdout.write(json.dumps(data, indent=1) + "\n")
     else:
         render_info(data, console)
+
+
+@app.command()
+def verify(
+    store: StorePath,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="Reader threads.")] = 2,
+) -> None:
+    """Check every written row's chunk checksums; damaged rows are named and unflagged (re-run build-cache)."""
+    from ctprep.verify import print_verify, verify_store
+
+    try:
+        report = verify_store(store, workers=workers)
+    except _user_errors() as exc:
+        _fail(exc)
+    print_verify(report, console)
+    if not report.ok:
+        raise typer.Exit(code=1)
 
 
 @app.command()

@@ -89,7 +89,7 @@ def check_patient_disjoint(patient_ids: Sequence[str], folds: np.ndarray, names:
 
 
 def folds_from_file(path: Path, volume_names: Sequence[str], patient_ids: Sequence[str]) -> np.ndarray:
-    """Read a user's fold file: `folds.json` (list of {train, val} by volume name, as we write it)
+    """Read a user's fold file: a `<store>.folds.json` (list of {train, val} by volume name, as we write it)
     or a CSV with `VolumeName,fold`. Every store volume must be assigned exactly once and no patient
     may span folds."""
     from ctprep.naming import strip_volume_suffix
@@ -139,7 +139,7 @@ def _read_fold_lists(path: Path) -> dict[int, list[str]]:
 
 
 def fold_lists(volume_names: Sequence[str], folds: np.ndarray) -> list[dict[str, list[str]]]:
-    """folds.json content: one {train, val} entry per fold, by volume name."""
+    """`<store>.folds.json` content: one {train, val} entry per fold, by volume name."""
     k = int(folds.max()) + 1
     names = np.asarray(volume_names, dtype=object)
     return [{"train": names[folds != f].tolist(), "val": names[folds == f].tolist()} for f in range(k)]
@@ -188,7 +188,8 @@ def _spreads(entries: list[dict[str, Any]], label_names: Sequence[str]) -> dict[
 
 
 def make_folds(store_path: str | Path, *, k: int, seed: int, from_file: Path | None = None) -> dict[str, Any]:
-    """Assign folds, write the store's `folds` array (+ attrs) and `folds.json` beside the store."""
+    """Assign folds, write the store's `folds` array (+ attrs) and the fold lists beside the store
+    (`<store>.folds.json`)."""
     from ctprep.store import open_store
 
     store = open_store(store_path, mode="r+")
@@ -200,10 +201,10 @@ def make_folds(store_path: str | Path, *, k: int, seed: int, from_file: Path | N
         folds = assign_folds(pids, labels, k, seed)
         meta = {"k": k, "seed": seed, "method": "patient-multilabel-iterative-stratification+volume-balance"}
     check_patient_disjoint(pids, folds, names)
-    # Write folds.json first: if that fails, the store is untouched.
+    # Write the fold lists first: if that fails, the store is untouched.
     folds_json = folds_json_path(store_path)
     if folds_json is not None:
-        tmp = folds_json.with_suffix(".json.tmp")
+        tmp = folds_json.with_name(f".{folds_json.name}.tmp")
         tmp.write_text(json.dumps(fold_lists(names, folds), indent=1), encoding="utf-8")
         tmp.replace(folds_json)
         meta["folds_json"] = str(folds_json)
@@ -214,7 +215,10 @@ def make_folds(store_path: str | Path, *, k: int, seed: int, from_file: Path | N
 
 
 def folds_json_path(store_path: str | Path) -> Path | None:
-    """`folds.json` beside the store (None for remote stores)."""
+    """`<store>.folds.json` beside the store (None for remote stores: the store's `folds` array and
+    attrs hold the same assignment)."""
+    from ctprep.store import side_file
+
     if "://" in str(store_path):
         return None
-    return Path(str(store_path).rstrip("/")).parent / "folds.json"
+    return side_file(store_path, "folds")

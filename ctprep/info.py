@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ctprep.folds import fold_table
-from ctprep.store import CacheStore, StoreError, open_store, store_bytes
+from ctprep.store import CacheStore, StoreError, open_store, side_file, store_bytes
 
 
 def store_info(path: str | Path) -> dict[str, Any]:
@@ -47,7 +47,29 @@ def store_info(path: str | Path) -> dict[str, Any]:
         "bytes_on_disk": nbytes,
         "compression_ratio": (images_bytes * written.mean() / nbytes) if nbytes and written.any() else None,
         "preprocess": store.preprocess,
+        "side_files": side_files(path),
     }
+
+
+def side_files(path: str | Path) -> dict[str, Any]:
+    """The store's side files: {kind: {path, exists}}, plus shard failure reports found beside it
+    and files under the old shared names (`failures.json`, `folds.json` in the parent folder,
+    written before side files were named per store: they may belong to another store)."""
+    out: dict[str, Any] = {kind: _entry(side_file(path, kind)) for kind in ("failures", "folds")}
+    if "://" in str(path):
+        return out
+    store = Path(str(path).rstrip("/"))
+    shards = sorted(store.parent.glob(f"{store.name}.failures.shard-*-of-*.json"))
+    if shards:
+        out["failures_shards"] = [str(p) for p in shards]
+    legacy = [str(store.parent / n) for n in ("failures.json", "folds.json") if (store.parent / n).is_file()]
+    if legacy:
+        out["legacy_shared"] = legacy
+    return out
+
+
+def _entry(path: Path) -> dict[str, Any]:
+    return {"path": str(path), "exists": path.is_file()}
 
 
 def render_info(info: dict[str, Any], console: Any) -> None:
@@ -69,6 +91,14 @@ def render_info(info: dict[str, Any], console: Any) -> None:
         summary.add_row("on disk", f"{info['bytes_on_disk'] / 2**20:.1f} MiB{ratio}")
     qc = info["qc_flagged"]
     summary.add_row("QC flagged", f"[bold red]{len(qc)}[/bold red]" if qc else "0")
+    for kind, what in (("failures", "failure report"), ("folds", "fold lists")):
+        entry = info["side_files"][kind]
+        summary.add_row(what, entry["path"] + ("" if entry["exists"] else "  (not written yet)"))
+    for shard in info["side_files"].get("failures_shards", []):
+        summary.add_row("shard failure report", shard)
+    for old in info["side_files"].get("legacy_shared", []):
+        summary.add_row("old shared file", f"{old}  [yellow](old name, shared by the folder's stores: may not be "
+                        "this store's; delete it after a re-run)[/yellow]")
     console.print(summary)
     if info["not_written"]:
         console.print(f"[red]not written:[/red] {', '.join(info['not_written'][:10])}"
@@ -119,7 +149,8 @@ def preview(path: str | Path, volume: str, out: Path, *, slices: int = 6, min_si
     except ValueError:
         raise StoreError(f"{path}: no volume named '{volume}' in the store") from None
     if not store.written()[row]:
-        raise StoreError(f"{path}: volume '{volume}' is not written (its build failed; see failures.json)")
+        raise StoreError(f"{path}: volume '{volume}' is not written (its build failed; see "
+                         f"{side_file(path, 'failures')})")
     depth = store.image_shape[0]
     idx = np.unique(np.linspace(0, depth - 1, num=min(slices, depth)).round().astype(int))
     images = store.read_images(row, idx)  # (K, C, H, W)

@@ -57,7 +57,7 @@ class LabelTable:
 
 
 def failure(volume: str, line: int | None, reason: str, stage: str) -> dict[str, Any]:
-    """One entry of the failure list (also the shape written to failures.json)."""
+    """One entry of the failure list (also the shape written to `<store>.failures.json`)."""
     return {"volume": volume, "row": line, "reason": reason, "stage": stage}
 
 

@@ -9,6 +9,11 @@
 | `source`   | str (N,)                       | source fingerprint of the row's file (resume check)   |
 | `row_info` | str (N,)                       | JSON per row: HU rule applied, geometry, QC flags     |
 
+Every chunk of every array ends in a crc32c checksum (zarr v3's `crc32c` codec; cache version 2),
+so damage is found when read: `ctprep verify` scans the written rows, the training reader names the
+row and volume. Stores of cache version 1 have no chunk checksums; they still read, `verify`
+says so, and build-cache refuses to extend them (rebuild with `--overwrite`).
+
 Group attrs: `schema`, `volume_names`, `patient_ids`, `label_names`, `windows`, `preprocess`,
 `fingerprint` (DESIGN.md), plus `cache_version` and `layout`.
 
@@ -66,16 +71,38 @@ def chunk_depth(depth: int, chunk_slices: int) -> int:
     return 1
 
 
-def _compressors(cfg: PreprocessConfig) -> Any:
-    from zarr.codecs import BloscCodec, ZstdCodec
+def _compressors(cfg: PreprocessConfig) -> list[Any]:
+    """The images' bytes-to-bytes codecs: the configured compressor, then a crc32c checksum.
+
+    The checksum is the last codec, so it covers the compressed bytes on disk: a flipped or
+    truncated chunk fails its check when read (`ctprep verify`, training) instead of decoding to
+    garbage. Inside a shard each chunk carries its own checksum, and zarr's shard index has one
+    by default, so damage is pinned to a few slices of one volume."""
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
     if cfg.compressor == "none":
-        return None
+        return [Crc32cCodec()]
     if cfg.compressor == "zstd":
-        return ZstdCodec(level=cfg.compression_level)
+        return [ZstdCodec(level=cfg.compression_level), Crc32cCodec()]
     cname = cfg.compressor.split("-", 1)[1]
     # uint8 pixels: byte shuffle is a no-op, bit shuffle measurably hurts speed for little gain.
-    return BloscCodec(cname=cname, clevel=cfg.compression_level, shuffle="noshuffle")
+    return [BloscCodec(cname=cname, clevel=cfg.compression_level, shuffle="noshuffle"), Crc32cCodec()]
+
+
+def _small_codecs() -> list[Any]:
+    """The per-row arrays (labels, folds, written, source, row_info): zarr's default zstd plus crc32c."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return [ZstdCodec(level=0), Crc32cCodec()]
+
+
+def has_checksums(array: Any) -> bool:
+    """True when the array's chunks (inside its shards, if sharded) end in a crc32c codec."""
+    from zarr.codecs import Crc32cCodec, ShardingCodec
+
+    codecs = list(array.metadata.codecs)
+    inner = [c for codec in codecs if isinstance(codec, ShardingCodec) for c in codec.codecs]
+    return any(isinstance(c, Crc32cCodec) for c in inner or codecs)
 
 
 def _is_local(path: str | Path) -> bool:
@@ -99,6 +126,24 @@ def creation_lock(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+SIDE_FILES = ("failures", "folds")
+
+
+def side_file(path: str | Path, kind: str, shard: tuple[int, int] = (0, 1)) -> Path:
+    """Where a store's side file lives: `<store>.<kind>.json` beside the store (`ctrate.zarr` ->
+    `ctrate.zarr.failures.json`, `ctrate.zarr.folds.json`), so two stores in one folder never share
+    a report. A shard I/N (N > 1) of build-cache writes `<store>.failures.shard-I-of-N.json`, so
+    concurrent shards never overwrite each other's. For a remote store (fsspec URL) the file goes to
+    the current directory, named after the URL's last part."""
+    if kind not in SIDE_FILES:
+        raise ValueError(f"unknown side file {kind!r}; choose one of {', '.join(SIDE_FILES)}")
+    text = str(path).rstrip("/")
+    base = Path(text) if _is_local(text) else Path.cwd() / text.rsplit("/", 1)[-1]
+    i, n = shard
+    suffix = f".{kind}.json" if n == 1 else f".{kind}.shard-{i}-of-{n}.json"
+    return base.with_name(base.name + suffix)
 
 
 def store_bytes(path: str | Path) -> int | None:
@@ -146,12 +191,13 @@ def create_store(path: str | Path, *, volume_names: Sequence[str], patient_ids: 
         compressors=_compressors(cfg), fill_value=0, dimension_names=("volume", "slice", "window", "y", "x"),
     )
     # Labels are written once, here, so one chunk: opening a 50k-row store reads one file, not 50k.
+    small = _small_codecs()
     group.create_array("labels", shape=(n, len(label_names)), dtype="uint8", chunks=(n, len(label_names)),
-                       fill_value=0)[:] = labels
-    group.create_array("folds", shape=(n,), dtype="int8", chunks=(n,), fill_value=-1)
-    group.create_array("written", shape=(n,), dtype="bool", chunks=(1,), fill_value=False)
-    group.create_array("source", shape=(n,), dtype=str, chunks=(1,), fill_value="")
-    group.create_array("row_info", shape=(n,), dtype=str, chunks=(1,), fill_value="")
+                       fill_value=0, compressors=small)[:] = labels
+    group.create_array("folds", shape=(n,), dtype="int8", chunks=(n,), fill_value=-1, compressors=small)
+    group.create_array("written", shape=(n,), dtype="bool", chunks=(1,), fill_value=False, compressors=small)
+    group.create_array("source", shape=(n,), dtype=str, chunks=(1,), fill_value="", compressors=small)
+    group.create_array("row_info", shape=(n,), dtype=str, chunks=(1,), fill_value="", compressors=small)
     group.attrs.update({
         "schema": SCHEMA,
         "volume_names": list(volume_names),
@@ -197,6 +243,26 @@ class CacheStore:
         if name not in self._arrays:
             self._arrays[name] = self.group[name]
         return self._arrays[name]
+
+    def _images_for_write(self) -> Any:
+        """`images` writing every chunk, even one equal to the fill value: then a written row always
+        has its shard file, and a missing one is damage (`verify`), not an all-black volume."""
+        if "images:write" not in self._arrays:
+            self._arrays["images:write"] = self.array("images").with_config({"write_empty_chunks": True})
+        return self._arrays["images:write"]
+
+    @property
+    def checksums(self) -> bool:
+        """Whether the images' chunks carry crc32c checksums (cache version >= 2)."""
+        return has_checksums(self.array("images"))
+
+    def shard_file(self, row: int) -> Path | None:
+        """The file holding row `row`'s images (None for remote stores)."""
+        if not _is_local(self.path):
+            return None
+        arr = self.array("images")
+        key = arr.metadata.encode_chunk_key((row,) + (0,) * (arr.ndim - 1))
+        return Path(self.path) / "images" / key
 
     # ---- attributes -------------------------------------------------------------------------
     @property
@@ -276,7 +342,7 @@ class CacheStore:
         if images.shape != expected:
             raise StoreError(f"{self.path}: row {row} images shape {images.shape} != store {expected}")
         self.array("written")[row] = False
-        self.array("images")[row] = images
+        self._images_for_write()[row] = images
         back = np.asarray(self.array("images")[row])
         if not np.array_equal(back, images):
             raise StoreError(f"{self.path}: row {row} read back differs from what was written")
@@ -291,6 +357,15 @@ class CacheStore:
         self.array("folds")[:] = folds
         self.group.attrs["folds"] = meta
         self.attrs["folds"] = meta
+
+
+def read_error_reason(exc: BaseException) -> str:
+    """One line for a failed chunk read: a checksum mismatch says so, anything else (a codec or
+    shard-index error on truncated bytes) is named by type and first line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if "checksum do not match" in text:
+        return "crc32c checksum mismatch: the bytes on disk changed since they were written"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def open_store(path: str | Path, mode: str = "r") -> CacheStore:

@@ -4,6 +4,10 @@
 and opens the `images` array lazily in each process: a reader pickled into a DataLoader worker (or
 inherited across a fork) opens its own zarr handle there instead of sharing the parent's. A read
 decodes only the chunks that hold the requested slices, never the whole volume.
+
+A chunk that fails its crc32c checksum or cannot be decoded, or a written row whose shard file is
+gone, raises `StoreReadError`, one line naming the store, row and volume and how to repair it
+(`ctprep verify`, then build-cache), also when raised inside a DataLoader worker.
 """
 
 from __future__ import annotations
@@ -17,7 +21,22 @@ import numpy as np
 
 from ctprep.config import ConfigError
 from ctprep.folds import FoldError
-from ctprep.store import open_store
+from ctprep.store import StoreError, has_checksums, open_store, read_error_reason
+
+
+class StoreReadError(StoreError):
+    """A damaged row met while reading; the message is one line naming store, row and volume.
+
+    A DataLoader re-raises a worker's exception as `type(exc)(text)`, where text holds the worker's
+    whole traceback; only its last line, our message, is kept, so the CLI still prints one line."""
+
+    def __init__(self, message: str) -> None:
+        lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
+        last = lines[-1] if lines else str(message)
+        prefix = f"{type(self).__name__}: "
+        if len(lines) > 1 and prefix in last:
+            last = last.split(prefix, 1)[1]
+        super().__init__(last)
 
 
 class StoreReader:
@@ -42,22 +61,38 @@ class StoreReader:
         self.num_channels: int = len(self.channel_index)
         self.image_shape: tuple[int, int, int, int] = (self.depth, self.num_channels, int(shape[2]), int(shape[3]))
         self.chunk_slices: int = int(store.array("images").chunks[1])
+        # Since cache version 2 every written row has its shard file (empty chunks are written too),
+        # so a missing one is damage; zarr alone would return zeros for it.
+        self._shard_files = store.shard_file(0) is not None and has_checksums(store.array("images"))
         self._all_channels = self.channel_index == list(range(len(self.window_names)))
         self._images: Any = None
+        self._store: Any = None
         self._pid: int | None = None
 
     # A zarr handle must not cross a process boundary: drop it when pickled, reopen on first read.
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_images"] = None
+        state["_store"] = None
         state["_pid"] = None
         return state
 
     def _array(self) -> Any:
         if self._images is None or self._pid != os.getpid():
-            self._images = open_store(self.path, mode="r").array("images")
+            self._store = open_store(self.path, mode="r")
+            self._images = self._store.array("images")
             self._pid = os.getpid()
         return self._images
+
+    def _damaged(self, row: int, what: str) -> StoreReadError:
+        return StoreReadError(f"{self.path}: row {row} ({self.volume_names[row]}): {what}; the store is damaged: "
+                              f"run `ctprep verify {self.path}`, then the same build-cache command to rebuild it")
+
+    def _read_block(self, arr: Any, row: int, lo: int, hi: int) -> np.ndarray:
+        try:
+            return np.asarray(arr[row, lo:hi])
+        except Exception as exc:  # noqa: BLE001 - any decode failure here is a damaged chunk
+            raise self._damaged(row, f"cannot read slices {lo}..{hi - 1} ({read_error_reason(exc)})") from None
 
     def read(self, row: int, slice_idx: np.ndarray) -> np.ndarray:
         """uint8 (K, C, H, W): slices `slice_idx` (any order, repeats allowed) of volume `row`.
@@ -75,6 +110,10 @@ class StoreReader:
         if idx.min() < 0 or idx.max() >= self.depth:
             raise IndexError(f"{self.path}: slice index out of range [0, {self.depth}) for row {row}")
         arr, cs = self._array(), self.chunk_slices
+        if self._shard_files and self.written[row]:
+            shard = self._store.shard_file(row)
+            if shard is not None and not shard.is_file():
+                raise self._damaged(row, "its images shard file is missing")
         chunks = np.unique(idx // cs)
         breaks = np.flatnonzero(np.diff(chunks) > 1) + 1
         parts, offsets = [], np.zeros(self.depth, dtype=np.int64)
@@ -82,7 +121,7 @@ class StoreReader:
         for run in np.split(chunks, breaks):
             lo, hi = int(run[0]) * cs, min((int(run[-1]) + 1) * cs, self.depth)
             lo, hi = max(lo, int(idx[idx >= lo].min())), int(idx[idx < hi].max()) + 1
-            parts.append(np.asarray(arr[row, lo:hi]))
+            parts.append(self._read_block(arr, row, lo, hi))
             offsets[lo:hi] = done + np.arange(hi - lo)
             done += hi - lo
         block = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -136,4 +175,4 @@ def fold_rows(reader: StoreReader, fold: int, k: int) -> tuple[np.ndarray, np.nd
     return train, val, int((~written).sum())
 
 
-__all__ = ["StoreReader", "fold_rows", "FoldError"]
+__all__ = ["StoreReader", "StoreReadError", "fold_rows", "FoldError"]

@@ -69,6 +69,9 @@ def test_loader(work: Path, results: dict) -> None:
     assert r["cached_volumes_per_s"] > 0 and r["onthefly_volumes_per_s"] > 0
     assert {"read", "clahe", "albumentations"} <= set(r["stages"]["onthefly_ms"])
     assert {"store_read", "device_augment"} <= set(r["stages"]["cached_ms"])
+    crc = r["checksum"]                                   # the read-speed cost of the chunk checksums
+    assert crc["with_crc32c_ms"] > 0 and crc["without_ms"] > 0
+    assert crc["cost_pct"] == pytest.approx(100 * (crc["with_crc32c_ms"] / crc["without_ms"] - 1), abs=1.0)
     results["loader"] = r
 
 

@@ -152,7 +152,7 @@ def test_happy_path_store_contents(built):
         assert info["file"] == str(Path(ctrate_path(Path("."), NAMES[row])))
         assert "hu_rule" in info
     assert not np.array_equal(store.read_images(0), store.read_images(2))
-    saved = json.loads((root / "cache" / "failures.json").read_text(encoding="utf-8"))
+    saved = json.loads((root / "cache" / "s.zarr.failures.json").read_text(encoding="utf-8"))
     assert saved == {"store": str(root / "cache" / "s.zarr"), "shard": [0, 1], "failures": [],
                      "warnings": [], "qc_flagged": []}
 
@@ -288,7 +288,7 @@ def test_overwrite_rebuilds_and_a_rejected_overwrite_keeps_the_old_store(built, 
     report = build_cache(data, labels, store, small_cfg(clahe_tiles=4), overwrite=True, progress=False)
     assert report.ok and report.written_now == 4
     assert open_store(store).fingerprint == fingerprint(small_cfg(clahe_tiles=4))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "failures.json", "s.zarr", "s.zarr.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "s.zarr", "s.zarr.failures.json", "s.zarr.lock"]
 
 
 def test_overwrite_keeps_the_old_store_when_the_new_one_is_less_complete(built, tmp_path):
@@ -351,3 +351,35 @@ def test_store_inside_the_data_dir_is_not_indexed(tmp_path):
     again = build_cache(data, labels, data / "cache" / "s.zarr", small_cfg(), progress=False)
     assert first.ok and again.ok and again.already_done == 2 and not again.warnings
     assert not any("cache" in str(c.path) for cands in index_data_dir(data).by_key.values() for c in cands)
+
+
+def test_two_stores_in_one_folder_keep_their_own_side_files(tmp_path):
+    from ctprep.folds import make_folds
+    from ctprep.info import store_info
+
+    data = tmp_path / "data"
+    write_volume(data / "a.nii.gz", 1)
+    write_volume(data / "b.nii.gz", 2)
+    cache = tmp_path / "cache"
+    first = build_cache(data, write_labels(tmp_path / "one.csv", [("a.nii.gz", label_values(0)),
+                                                                   ("missing.nii.gz", label_values(1))]),
+                        cache / "one.zarr", small_cfg(), progress=False)
+    second = build_cache(data, write_labels(tmp_path / "two.csv", [("b.nii.gz", label_values(2))]),
+                         cache / "two.zarr", small_cfg(), progress=False)
+    assert not first.ok and second.ok
+    one = json.loads((cache / "one.zarr.failures.json").read_text(encoding="utf-8"))
+    two = json.loads((cache / "two.zarr.failures.json").read_text(encoding="utf-8"))
+    assert [f["volume"] for f in one["failures"]] == ["missing.nii.gz"]   # not overwritten by the 2nd build
+    assert two["failures"] == [] and two["store"] == str(cache / "two.zarr")
+    assert not (cache / "failures.json").exists()
+    make_folds(cache / "two.zarr", k=2, seed=0, from_file=_fold_csv(tmp_path, ["b.nii.gz"]))
+    sides = store_info(cache / "two.zarr")["side_files"]
+    assert sides["failures"] == {"path": str(cache / "two.zarr.failures.json"), "exists": True}
+    assert sides["folds"] == {"path": str(cache / "two.zarr.folds.json"), "exists": True}
+    assert store_info(cache / "one.zarr")["side_files"]["folds"]["exists"] is False
+
+
+def _fold_csv(tmp_path: Path, names: list[str]) -> Path:
+    path = tmp_path / "folds.csv"
+    path.write_text("VolumeName,fold\n" + "".join(f"{n},{i % 2}\n" for i, n in enumerate(names)), encoding="utf-8")
+    return path

@@ -1,5 +1,6 @@
 """build-cache with bad input: every failure kind is named with its reason, good volumes are cached,
-failures.json records it all, the exit code says so, and nothing prints a traceback."""
+the store's failure report (`<store>.failures.json`) records it all, the exit code says so, and
+nothing prints a traceback."""
 
 from __future__ import annotations
 
@@ -113,10 +114,10 @@ def test_good_volumes_are_cached_and_bad_rows_stay_unwritten(bad_build):
     assert store.read_images(0).std() > 5
 
 
-def test_failures_json_beside_the_store(bad_build):
+def test_failure_report_beside_the_store_named_after_it(bad_build):
     root, *_rest, report = bad_build
-    saved = json.loads((root / "cache" / "failures.json").read_text(encoding="utf-8"))
-    assert report.failures_path == root / "cache" / "failures.json"
+    saved = json.loads((root / "cache" / "s.zarr.failures.json").read_text(encoding="utf-8"))
+    assert report.failures_path == root / "cache" / "s.zarr.failures.json"
     assert saved["store"] == str(root / "cache" / "s.zarr")
     assert saved["failures"] == report.failures and saved["warnings"] == report.warnings
     assert saved["qc_flagged"] == []
@@ -161,7 +162,7 @@ def test_constant_volume_is_cached_but_flagged_loudly(tmp_path):
     [flagged] = report.qc_flagged
     assert flagged["volume"] == "flat.nii.gz" and flagged["flags"]
     assert open_store(tmp_path / "s.zarr").written().all()
-    saved = json.loads((tmp_path / "failures.json").read_text(encoding="utf-8"))
+    saved = json.loads((tmp_path / "s.zarr.failures.json").read_text(encoding="utf-8"))
     assert saved["qc_flagged"] == report.qc_flagged
     console = Console(record=True, width=200, file=io.StringIO())
     print_report(report, console)

@@ -152,7 +152,7 @@ def test_two_concurrent_shards_fill_one_store(clean, tmp_path):
     assert done[0].isdisjoint(done[1]) and len(done[0] | done[1]) == len(MORE_NAMES)
     assert_same_store(out, root / "clean" / "s.zarr")
     for i in range(2):
-        saved = json.loads((tmp_path / f"failures.shard-{i}-of-2.json").read_text(encoding="utf-8"))
+        saved = json.loads((tmp_path / f"s.zarr.failures.shard-{i}-of-2.json").read_text(encoding="utf-8"))
         assert saved["shard"] == [i, 2] and saved["failures"] == []
 
 

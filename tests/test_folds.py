@@ -85,7 +85,7 @@ def test_make_folds_writes_store_and_folds_json(tmp_path):
     store = open_store(path)
     assert np.array_equal(store.folds(), assign_folds(pids, labels, 4, 0))
     assert store.attrs["folds"]["k"] == 4 and table["k"] == 4
-    entries = json.loads((tmp_path / "folds.json").read_text(encoding="utf-8"))
+    entries = json.loads((tmp_path / "s.zarr.folds.json").read_text(encoding="utf-8"))
     assert len(entries) == 4
     for f, entry in enumerate(entries):
         assert sorted(entry["val"]) == sorted(np.asarray(names)[store.folds() == f].tolist())
@@ -99,7 +99,7 @@ def test_from_file_round_trip_and_leak_rejection(tmp_path):
     make_folds(path, k=3, seed=0)
     original = open_store(path).folds()
     fold_file = tmp_path / "mine.json"
-    fold_file.write_text((tmp_path / "folds.json").read_text(encoding="utf-8"), encoding="utf-8")
+    fold_file.write_text((tmp_path / "s.zarr.folds.json").read_text(encoding="utf-8"), encoding="utf-8")
     assert np.array_equal(folds_from_file(fold_file, names, pids), original)
     # move one reconstruction of a multi-volume patient into another fold: a leak
     pid = next(p for p in pids if pids.count(p) > 1)
