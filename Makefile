@@ -58,4 +58,4 @@ lint: install
 	$(BIN)/ruff check ctprep cttrain tests bench
 
 clean-demo:
-	rm -rf $(DEMO_RAW) $(DEMO_STORE) $(DEMO_STORE).lock data/cache/failures.json data/cache/folds.json $(DEMO_RUN)
+	rm -rf $(DEMO_RAW) $(DEMO_STORE) $(DEMO_STORE).lock $(DEMO_STORE).failures.json $(DEMO_STORE).folds.json $(DEMO_RUN)
