@@ -10,9 +10,12 @@ both sides):
 Also: store bytes against source .nii.gz bytes, and where the build's time goes, from the per-stage
 timings the pipeline records in each row's `row_info` (the rest of the process time, i.e. start-up,
 CSV/metadata parsing, compression, the store write and its read-back check, is "other").
-Target (issue 5): build --workers 1 <= 1.5x the bare decode.
+Targets: build --workers 1 <= 1.5x the bare decode on the CT-RATE-size volumes (issue 5) and
+<= 1.2x on real-anatomy-size ones (issue 9: `--scale anatomy`, 256 x 256 in-plane, where the decode
+is small and the build's own costs weigh more). Run both sizes; each run reports its own.
 
     python bench/build_cache.py --quick --json
+    python bench/build_cache.py --scale anatomy --volumes 31 --json
 """
 
 from __future__ import annotations
@@ -168,8 +171,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  "files": [str(f.relative_to(data.root)) for f in data.files]},
         "machine": common.machine_info(),
     }
+    size = {"ctrate": "CT-RATE-size", "anatomy": "real-anatomy-size (256x256)", "small": "small (smoke)"}
     common.emit("build_cache", result, args, _rows(result), ("measurement", "seconds", "per volume", "note"),
-                f"build-cache vs bare decode: {n} CT-RATE-size volumes, whole process, "
+                f"build-cache vs bare decode: {n} {size[args.scale]} volumes, whole process, "
                 f"median of {args.repeats}")
     return result
 
@@ -180,7 +184,7 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
     rows = [
         ("bare SimpleITK decode", f"{r['decode_s']:.2f}", f"{pv['decode']:.3f}", ""),
         ("build-cache --workers 1", f"{total:.2f}", f"{pv['build_w1']:.3f}",
-         f"{r['build_over_decode']:.2f}x decode (target <= 1.5)"),
+         f"{r['build_over_decode']:.2f}x decode (target <= {1.2 if r['data']['scale'] == 'anatomy' else 1.5})"),
         ("build-cache --workers 2", f"{r['build_w2_s']:.2f}", f"{pv['build_w2']:.3f}",
          f"{r['build_w2_over_decode']:.2f}x decode"),
         ("no-op re-run (all written)", f"{r['noop_s']:.2f}", "", "build-cache start-up + checks"),

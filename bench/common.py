@@ -30,6 +30,7 @@ if str(REPO) not in sys.path:  # `python bench/x.py` puts bench/ on the path, no
     sys.path.insert(0, str(REPO))
 
 DEFAULT_OUT = REPO / "bench" / "results"
+REALCT = REPO.parent / "shared" / "realct"
 DEFAULT_DATA = REPO / "bench" / ".data"
 PYTHON = sys.executable
 
@@ -46,8 +47,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA,
                    help="cache of generated volumes and stores, reused between runs (default bench/.data)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--scale", choices=("ctrate", "small"), default="ctrate",
-                   help="generated volumes: ctrate (512x512, 200-300 slices) or small (smoke tests only)")
+    p.add_argument("--scale", choices=("ctrate", "anatomy", "small"), default="ctrate",
+                   help="generated volumes: ctrate (512x512, 200-300 slices), anatomy (the real thorax of "
+                        "../shared/realct at 256x256, 110-141 slices) or small (smoke tests only)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="config override (repeatable), e.g. preprocess.compressor=blosc-lz4")
     return p
@@ -149,6 +151,8 @@ def ensure_data(cache: Path, volumes: int, seed: int = 0, scale: str = "ctrate")
     except ImportError:
         synth = None
     kind = "synth" if synth is not None else "simple"
+    if scale == "anatomy":
+        kind = "realct"
     root = cache / f"{scale}-{kind}-n{volumes}-s{seed}"
     done = root / "bench_done.json"
     if done.is_file():
@@ -157,7 +161,9 @@ def ensure_data(cache: Path, volumes: int, seed: int = 0, scale: str = "ctrate")
     root.mkdir(parents=True)
     log(f"generating {volumes} {scale}-size volumes into {root} (once; reused later)")
     start = time.perf_counter()
-    if synth is not None:
+    if scale == "anatomy":
+        meta = _write_anatomy(root, volumes, seed)
+    elif synth is not None:
         meta = _write_with_synth(synth, root, volumes, seed, scale)
     else:
         meta = _write_simple(root, volumes, seed, 512 if scale == "ctrate" else 128)
@@ -224,6 +230,46 @@ def _write_simple(root: Path, volumes: int, seed: int, size: int) -> dict[str, A
     _write_csv(root / "metadata.csv", ["VolumeName", "XYSpacing", "ZSpacing", "RescaleIntercept",
                                        "RescaleSlope"], meta_rows)
     return {"generator": "bench.simple", "labels_csv": "labels.csv", "metadata_csv": "metadata.csv",
+            "files": files}
+
+
+def _write_anatomy(root: Path, volumes: int, seed: int) -> dict[str, Any]:
+    """Real-anatomy-size volumes: the real thorax of ../shared/realct/chest_ct_dicom (512 x 512 x 141,
+    0.98 x 0.98 x 2 mm) resampled to 256 x 256 in-plane (1.95 mm), each cut to a random 110-141 of
+    its slices and given its own 8 HU noise (so no two files are alike), int16 HU `.nii.gz` written
+    by SimpleITK at gzip level 1 like the CT-RATE-size bench volumes. Against those (512 x 512,
+    200-300 slices) the decode per volume is ~5x smaller while the preprocessing output (the
+    config's shape) is the same, so the build's own costs weigh more: the case issue 9 measured."""
+    import SimpleITK as sitk
+
+    from ctprep.io import read_volume
+    from ctprep.naming import LABEL_NAMES
+
+    source = REALCT / "chest_ct_dicom"
+    if not source.is_dir():
+        raise SystemExit(f"error: --scale anatomy needs the real CT samples at {source}")
+    chest = read_volume(source)
+    rng = np.random.default_rng(seed)
+    files, label_rows = [], []
+    spacing = [2 * chest.GetSpacing()[0], 2 * chest.GetSpacing()[1], chest.GetSpacing()[2]]
+    for i in range(volumes):
+        depth = int(rng.integers(110, chest.GetSize()[2] + 1))
+        z0 = int(rng.integers(0, chest.GetSize()[2] - depth + 1))
+        part = chest[:, :, z0:z0 + depth]
+        small = sitk.Resample(part, [256, 256, depth], sitk.Transform(), sitk.sitkLinear, part.GetOrigin(),
+                              spacing, part.GetDirection(), -1024, sitk.sitkInt16)
+        arr = sitk.GetArrayFromImage(small).astype(np.float32)
+        arr += rng.standard_normal(arr.shape, dtype=np.float32) * 8.0
+        img = sitk.GetImageFromArray(np.clip(np.rint(arr), -1024, 3071).astype(np.int16))
+        img.CopyInformation(small)
+        name = f"train_{i + 1}_a_1.nii.gz"
+        path = root / "dataset" / "train" / f"train_{i + 1}" / f"train_{i + 1}_a" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(img, str(path), useCompression=True, compressionLevel=1)
+        files.append(str(path.relative_to(root)))
+        label_rows.append([name, *(str(int(v)) for v in rng.integers(0, 2, len(LABEL_NAMES)))])
+    _write_csv(root / "labels.csv", ["VolumeName", *LABEL_NAMES], label_rows)
+    return {"generator": "realct.chest_ct_dicom", "labels_csv": "labels.csv", "metadata_csv": None,
             "files": files}
 
 

@@ -20,8 +20,9 @@ Group attrs: `schema`, `volume_names`, `patient_ids`, `label_names`, `windows`, 
 Why this layout: every array a worker writes has one chunk per row, so parallel writers (`--workers`,
 `--shard I/N`) never write the same chunk file, and zarr's LocalStore writes each chunk file
 atomically (temporary file + rename): a `kill -9` leaves either the old or the new chunk. A row is
-marked `written` only after its images were read back and checked, so an interrupted row is simply
-redone. Group attrs are written only at creation (under a lock) and by `make-folds`.
+marked `written` only after its images were read back and checked (the shard's bytes against their
+checksums), so an interrupted row is simply redone. Group attrs are written only at creation (under
+a lock) and by `make-folds`.
 """
 
 from __future__ import annotations
@@ -343,12 +344,30 @@ class CacheStore:
             raise StoreError(f"{self.path}: row {row} images shape {images.shape} != store {expected}")
         self.array("written")[row] = False
         self._images_for_write()[row] = images
-        back = np.asarray(self.array("images")[row])
-        if not np.array_equal(back, images):
-            raise StoreError(f"{self.path}: row {row} read back differs from what was written")
+        self._check_written(row, images)
         self.array("source")[row] = source
         self.array("row_info")[row] = json.dumps(info, sort_keys=True)
         self.array("written")[row] = True
+
+    def _check_written(self, row: int, images: np.ndarray) -> None:
+        """Read the row back before it is flagged: locally, the shard's bytes against their crc32c
+        checksums (what zarr encoded is what is on disk; no decompression); else (remote stores,
+        stores without checksums) decoded and compared with what was written."""
+        from ctprep.verify import shard_bytes_problem
+
+        shard = self.shard_file(row) if self.checksums else None
+        if shard is not None:
+            arr = self.array("images")
+            try:
+                per_shard = int(np.prod([s // c for s, c in zip(arr.shards, arr.chunks, strict=True)]))
+                problem = shard_bytes_problem(shard.read_bytes(), per_shard)
+            except OSError as exc:
+                problem = f"cannot read its shard back ({exc.strerror or exc})"
+            if problem:
+                raise StoreError(f"{self.path}: row {row} read back: {problem}")
+            return
+        if not np.array_equal(np.asarray(self.array("images")[row]), images):
+            raise StoreError(f"{self.path}: row {row} read back differs from what was written")
 
     def write_folds(self, folds: np.ndarray, meta: dict[str, Any]) -> None:
         folds = np.asarray(folds, dtype=np.int8)

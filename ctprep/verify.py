@@ -47,6 +47,37 @@ class VerifyReport:
         return not self.damaged and not self.store_damage
 
 
+_EMPTY = 2**64 - 1   # zarr's "no chunk here" marker in a shard index
+
+
+def shard_bytes_problem(raw: bytes, n_chunks: int) -> str | None:
+    """Why the bytes of one images shard are not intact, or None: the shard index (at the end:
+    `n_chunks` x (offset, nbytes) little-endian uint64, then its crc32c) and every chunk's trailing
+    crc32c must match, and no chunk may be missing (a written row stores all of them).
+
+    Checks what is on disk against what zarr encoded without decompressing anything: build-cache's
+    check after each write, ~20x cheaper than decoding the row back (zarr v3 sharding layout)."""
+    import google_crc32c
+
+    def crc(data: bytes) -> bytes:
+        return np.uint32(google_crc32c.value(data)).astype("<u4").tobytes()
+
+    size = 16 * n_chunks
+    if len(raw) < size + 4:
+        return f"shard of {len(raw)} bytes is shorter than its index ({size + 4} bytes)"
+    index_bytes, stored = raw[-size - 4:-4], raw[-4:]
+    if crc(index_bytes) != stored:
+        return "shard index checksum mismatch"
+    index = np.frombuffer(index_bytes, dtype="<u8").reshape(n_chunks, 2)
+    for i, (offset, nbytes) in enumerate(index.tolist()):
+        if offset == _EMPTY or nbytes < 4 or offset + nbytes > len(raw) - size - 4:
+            return f"chunk {i} of the shard is missing or out of bounds"
+        chunk = raw[offset:offset + nbytes]
+        if crc(chunk[:-4]) != chunk[-4:]:
+            return f"chunk {i} checksum mismatch"
+    return None
+
+
 def _check_row(store: CacheStore, row: int, shards: bool) -> str | None:
     """Why row `row` cannot be trusted, or None when every chunk of it reads back."""
     if shards:

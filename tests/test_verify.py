@@ -152,3 +152,19 @@ def test_damaged_labels_array_is_store_level_damage(tmp_path):
     assert not report.ok and report.checked == 0
     assert report.store_damage and "array 'labels' is damaged" in report.store_damage[0]
     assert "--overwrite" in report.store_damage[0]
+
+
+def test_shard_bytes_check_without_decompressing(built):
+    from ctprep.verify import shard_bytes_problem
+
+    store = open_store(built[2])
+    raw = store.shard_file(0).read_bytes()
+    per_shard = store.image_shape[0] // store.array("images").chunks[1]
+    assert shard_bytes_problem(raw, per_shard) is None
+    flipped = bytearray(raw)
+    flipped[10] ^= 1
+    assert "checksum mismatch" in shard_bytes_problem(bytes(flipped), per_shard)
+    index = bytearray(raw)
+    index[-10] ^= 1
+    assert shard_bytes_problem(bytes(index), per_shard) == "shard index checksum mismatch"
+    assert "shorter than its index" in shard_bytes_problem(raw[:20], per_shard)
