@@ -105,8 +105,7 @@ def _run_inline(tasks: list[Task], store: CacheStore, cfg: PreprocessConfig, on_
     and one finished volume wait in memory besides the one being processed."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with _opencv_threads(1), \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctprep-read") as reader, \
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctprep-read") as reader, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctprep-write") as writer:
         pending = None
         next_read = reader.submit(read, tasks[0]) if tasks else None
@@ -120,23 +119,6 @@ def _run_inline(tasks: list[Task], store: CacheStore, cfg: PreprocessConfig, on_
             pending = writer.submit(write, store, task, result)
         if pending is not None:
             on_result(pending.result())
-
-
-@contextlib.contextmanager
-def _opencv_threads(n: int) -> Any:
-    """OpenCV at `n` threads for the build, restored afterwards (build_cache is also a library call).
-
-    The build already keeps the cores busy with its stages (or processes); OpenCV's own pool on
-    256 x 256 slices mostly adds hand-over cost: CLAHE measured 63 ms one-threaded against 120 ms
-    with two threads for 288 such slices on the 2-core VM."""
-    import cv2
-
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(n)
-    try:
-        yield
-    finally:
-        cv2.setNumThreads(before)
 
 
 def qc_flags(info: dict[str, Any]) -> list[str]:
@@ -159,13 +141,11 @@ def _worker_main(conn: Any, store_path: str, cfg: PreprocessConfig, threads: int
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
     try:
-        import cv2
         import SimpleITK as sitk
 
         from ctprep.store import CacheStore
 
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-        cv2.setNumThreads(threads)  # a worker process is one of --workers: one share of the cores
         store = CacheStore(store_path, mode="r+")
     except Exception as exc:  # noqa: BLE001 - sent to the parent, which rejects the run
         conn.send(("init_error", -1, "", _describe(exc)))
