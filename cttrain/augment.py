@@ -8,17 +8,27 @@ displacement (a coarse Gaussian grid upsampled bicubically, in the spirit of Sim
 2003) added to the affine sampling grid. Then Gaussian blur (separable), brightness / contrast /
 gamma, and Gaussian noise. Each augmentation is applied to a sample with its probability.
 
-Every random parameter is drawn from the caller's CPU `torch.Generator` and then moved, so the
-parameters (and with them the output, up to float rounding) are the same on any device. The one
-exception is the per-pixel noise, drawn on the device from a seed taken from that generator:
-identical for the same seed on the same kind of device. Only the selected samples are computed
-(index_select / index_copy with indices known on the CPU, so there is no device synchronisation).
+Every random parameter is drawn from the caller's CPU `torch.Generator`, so the parameters (and
+with them the output, up to float rounding) are the same on any device. The one exception is the
+per-pixel noise, drawn on the device from a seed taken from that generator: identical for the same
+seed on the same kind of device. Only the selected samples are computed (index_select /
+index_copy_ with indices known on the CPU). No step synchronises with the device: a batch's
+parameters and indices travel in ONE pinned buffer copied with `non_blocking=True` (`upload`); a
+pageable `.to(device)` per parameter would be a blocking copy, the first one waiting for the
+previous step's backward.
+
+The output keeps the input's memory layout: `cttrain.data.to_device` hands a channels_last batch
+(a (B, K, ...) view of a channels-last (B*K, C, H, W) tensor) and the model wants exactly that, so
+converting to NCHW here and back in the model would cost two copies of the batch per step.
+Selected samples are gathered by index_select (a copy anyway) and written back with index_copy_
+into a clone of the batch, which keeps its strides; the pointwise steps run on the 5-D tensor itself.
+A step over the whole batch whose kernel only writes NCHW (grid_sample, the blur's convolutions)
+is copied back into the batch's layout once, in that step, instead of on every later step.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,16 +89,38 @@ def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
     return kern / kern.sum(dim=1, keepdim=True)
 
 
-def _subset(x: torch.Tensor, mask: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-            ) -> torch.Tensor:
-    """Apply fn(x[sel], sel) to the samples where the CPU `mask` is set, leave the rest untouched."""
-    if not bool(mask.any()):
-        return x
-    sel = torch.nonzero(mask).squeeze(1)
-    if len(sel) == len(mask):
-        return fn(x, sel)
-    sel_dev = sel.to(x.device)
-    return x.index_copy(0, sel_dev, fn(x.index_select(0, sel_dev), sel))
+def upload(parts: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """`parts` (small CPU tensors) on `device` after ONE host-to-device copy, as views of one buffer.
+
+    Packed as float32 (integers such as batch indices are exact below 2**24), pinned when the
+    target is CUDA so that `non_blocking=True` really is asynchronous. The caching host allocator
+    keeps the pinned block until the copy has finished, so the buffer may go out of scope here."""
+    if not parts:
+        return {}
+    flat = torch.cat([t.reshape(-1).to(torch.float32) for t in parts.values()])
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    views, start = {}, 0
+    for name, t in parts.items():
+        views[name] = flat[start:start + t.numel()].view(t.shape)
+        start += t.numel()
+    return views
+
+
+def _keep_layout(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`out` with the strides of `like` (a copy only when they differ, e.g. channels_last input)."""
+    if out.stride() == like.stride():
+        return out
+    return torch.empty_like(like).copy_(out)
+
+
+@dataclass
+class _Step:
+    """One augmentation of a batch: over all its samples (`whole`) or over those in `{name}.idx`."""
+
+    name: str
+    whole: bool
 
 
 class DeviceAugment:
@@ -123,60 +155,93 @@ class DeviceAugment:
             noise_seed=int(torch.randint(0, 2**62, (1,), generator=gen)),
         )
 
+    def plan(self, p: _Params) -> tuple[list[_Step], dict[str, torch.Tensor]]:
+        """(the steps to run, in order; the CPU parameters they read, keyed `step.param`)."""
+        steps: list[_Step] = []
+        host: dict[str, torch.Tensor] = {}
+        for name, mask in (("warp", p.affine | p.elastic), ("blur", p.blur), ("intensity", p.intensity),
+                           ("noise", p.noise)):
+            if not bool(mask.any()):
+                continue
+            sel = torch.nonzero(mask).squeeze(1)
+            step = _Step(name, whole=len(sel) == len(mask))
+            steps.append(step)
+            if not step.whole:
+                host[f"{name}.idx"] = sel
+            if name == "warp":
+                host["warp.theta"] = p.theta[sel]
+                if bool(p.elastic[sel].any()):
+                    host["warp.coarse"] = p.coarse[sel] * p.elastic[sel].float()[:, None, None, None]
+            elif name == "blur":
+                host["blur.kernel"] = _gaussian_kernels(p.sigma[sel], self.blur_radius)
+            elif name == "intensity":
+                for key, values in (("gain", p.contrast), ("shift", p.brightness), ("gamma", p.gamma)):
+                    host[f"intensity.{key}"] = values[sel]
+        return steps, host
+
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """x float (B, K, C, H, W) in [0, 1] -> augmented, same shape, clamped to [0, 1]."""
+        """x float (B, K, C, H, W) in [0, 1] -> augmented, same shape and strides, clamped to [0, 1]."""
         if not self.cfg.enabled:
             return x
-        b, k, c, h, w = x.shape
+        b, _k, _c, h, w = x.shape
         p = self.draw(b, h, w, generator)
-        y = x.reshape(b, k * c, h, w)
-        y = _subset(y, p.affine | p.elastic, lambda t, s: self._warp(t, p, s))
-        y = _subset(y, p.blur, lambda t, s: self._blur(t, p.sigma[s]))
-        y = _subset(y, p.intensity, lambda t, s: self._intensity(t, p, s, c))
-        y = _subset(y, p.noise, lambda t, s: self._noise(t, p.noise_seed))
-        if not bool((p.affine | p.elastic | p.blur | p.intensity | p.noise).any()):
+        steps, host = self.plan(p)
+        if not steps:
             return x  # nothing selected: the input, untouched (and never modified in place)
-        return y.clamp_(0.0, 1.0).view(b, k, c, h, w)
+        dev = upload(host, x.device)
+        apply = {"warp": self._warp, "blur": self._blur, "intensity": self._intensity,
+                 "noise": lambda t, _dev: self._noise(t, p.noise_seed)}
+        y = x
+        for step in steps:
+            fn = apply[step.name]
+            if step.whole:
+                y = _keep_layout(fn(y, dev), y)
+            else:
+                idx = dev[f"{step.name}.idx"].long()
+                y = y.clone().index_copy_(0, idx, fn(y.index_select(0, idx), dev))  # clone keeps strides
+        return y.clamp_(0.0, 1.0)
 
-    # ---- the individual steps (t holds only the selected samples) ------------------------------
-    def _warp(self, t: torch.Tensor, p: _Params, sel: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = t.shape
-        theta = p.theta[sel].to(t.device, t.dtype)
+    # ---- the individual steps: t (n, K, C, H, W) holds only the selected samples ----------------
+    def _warp(self, t: torch.Tensor, dev: dict[str, torch.Tensor]) -> torch.Tensor:
+        n, k, c, h, w = t.shape
+        theta = dev["warp.theta"].to(t.dtype)
         grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
-        if bool(p.elastic[sel].any()):
-            coarse = p.coarse[sel] * p.elastic[sel].float()[:, None, None, None]
-            disp = F.interpolate(coarse.to(t.device, t.dtype), size=(h, w), mode="bicubic", align_corners=True)
+        if "warp.coarse" in dev:
+            disp = F.interpolate(dev["warp.coarse"].to(t.dtype), size=(h, w), mode="bicubic", align_corners=True)
             grid = grid + disp.permute(0, 2, 3, 1)
         # Border padding: the image edge is air or table, and air is not 0 in every window (the lung
         # window maps -1000 HU to about 0.23), so zeros would paint artificial black corners.
-        return F.grid_sample(t, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        out = F.grid_sample(t.reshape(n, k * c, h, w), grid, mode="bilinear", padding_mode="border",
+                            align_corners=False)
+        return out.view(n, k, c, h, w)
 
-    def _blur(self, t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        n, ch, h, w = t.shape
-        r = self.blur_radius
-        kern = _gaussian_kernels(sigma, r).to(t.device, t.dtype).repeat_interleave(ch, dim=0)
+    def _blur(self, t: torch.Tensor, dev: dict[str, torch.Tensor]) -> torch.Tensor:
+        n, k, c, h, w = t.shape
+        ch, r = k * c, self.blur_radius
+        kern = dev["blur.kernel"].to(t.dtype).repeat_interleave(ch, dim=0)
         flat = t.reshape(1, n * ch, h, w)
         # Depthwise conv with one kernel per (sample, channel): per-sample sigmas in one call (on CPU
         # measured faster than a loop over taps or grouping by sample with channels as the batch).
         flat = F.conv2d(F.pad(flat, (r, r, 0, 0), mode="reflect"), kern[:, None, None, :], groups=n * ch)
         flat = F.conv2d(F.pad(flat, (0, 0, r, r), mode="reflect"), kern[:, None, :, None], groups=n * ch)
-        return flat.view(n, ch, h, w)
+        return flat.view(n, k, c, h, w)
 
-    def _intensity(self, t: torch.Tensor, p: _Params, sel: torch.Tensor, channels: int) -> torch.Tensor:
+    def _intensity(self, t: torch.Tensor, dev: dict[str, torch.Tensor]) -> torch.Tensor:
         """Contrast about each window's mean (so it does not also shift brightness), then an
         additive brightness, then gamma on the clamped result."""
-        n, kc, h, w = t.shape
-        v = t.view(n, kc // channels, channels, h * w)
+        n, k, c, h, w = t.shape
+        v = t.reshape(n, k, c, h * w)  # a view in NCHW and in channels_last alike
         mean = v.mean(dim=(1, 3), keepdim=True)
-        gain = p.contrast[sel].to(t.device, t.dtype).view(n, 1, 1, 1)
-        shift = p.brightness[sel].to(t.device, t.dtype).view(n, 1, 1, 1)
-        gamma = p.gamma[sel].to(t.device, t.dtype).view(n, 1, 1, 1)
+        gain, shift, gamma = (dev[f"intensity.{key}"].to(t.dtype).view(n, 1, 1, 1)
+                              for key in ("gain", "shift", "gamma"))
         out = torch.addcmul(mean * (1.0 - gain) + shift, v, gain).clamp_(0.0, 1.0).pow_(gamma)
-        return out.view(n, kc, h, w)
+        return out.view(n, k, c, h, w)
 
     def _noise(self, t: torch.Tensor, seed: int) -> torch.Tensor:
+        n, k, c, h, w = t.shape
         gen = torch.Generator(device=t.device).manual_seed(seed)
-        noise = torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype)
+        # drawn as (n, K*C, H, W) in NCHW order: the same numbers at the same pixels whatever t's layout
+        noise = torch.randn((n, k * c, h, w), generator=gen, device=t.device, dtype=t.dtype).view(n, k, c, h, w)
         return torch.add(t, noise, alpha=self.cfg.noise_std)
 
 
@@ -206,7 +271,7 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, generator: t
         return x, y
     cut = use_cut and (not use_mix or float(torch.rand(1, generator=generator)) < 0.5)
     lam = _beta(cfg.cutmix_alpha if cut else cfg.mixup_alpha, generator)
-    perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
+    perm = upload({"perm": torch.randperm(x.shape[0], generator=generator)}, x.device)["perm"].long()
     if cut:
         x, lam = _cutmix(x, perm, lam, generator)
     else:
@@ -228,4 +293,4 @@ def _cutmix(x: torch.Tensor, perm: torch.Tensor, lam: float, gen: torch.Generato
     return out, 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
 
 
-__all__ = ["DeviceAugment", "mix_batch"]
+__all__ = ["DeviceAugment", "mix_batch", "upload"]

@@ -2,7 +2,8 @@
 
 Every user-fixable problem (a config error, a missing store, folds that do not match, a bad
 checkpoint or table) ends as one red line on stderr and exit code 2 (config and arguments) or 1
-(data and runs), never a traceback: `_command` catches them in one place.
+(data and runs), never a traceback: `_command` catches them in one place. It also leaves the
+torchrun process group on every way out of a command (success, user error, crash, Ctrl-C).
 
 Works as `cttrain`, `python -m cttrain` and under `torchrun --nproc_per_node N -m cttrain fold 0`
 (then only rank 0 prints and writes the run's config).
@@ -85,6 +86,16 @@ def _user_errors() -> dict[type[BaseException], int]:
     return {ConfigError: 2, **dict.fromkeys(data_errors, 1)}
 
 
+def _leave_process_group() -> None:
+    """`distributed.shutdown()`: a rank that exits without leaving its process group leaves NCCL's
+    resources (and a warning) behind. Only once torch is loaded (no group can exist before), so a
+    command that never needed torch does not import it just to leave."""
+    if "torch.distributed" in sys.modules:
+        from cttrain import distributed
+
+        distributed.shutdown()
+
+
 def _command(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Register a command whose user errors become one red stderr line and an exit code."""
 
@@ -100,6 +111,8 @@ def _command(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
                 Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", markup=True, highlight=False,
                                            soft_wrap=True)
                 raise typer.Exit(code=code) from None
+            finally:
+                _leave_process_group()
 
         return app.command(name)(run)
 

@@ -104,8 +104,9 @@ class TrainingConfig:
     ema: float = 0.0             # EMA decay of weights, 0 disables (e.g. 0.999)
     early_stopping: int = 0      # patience in epochs on val macro AUROC, 0 disables
     seed: int = 42
-    device: str = "auto"         # auto | cpu | cuda | cuda:N
-    deterministic: bool = True   # deterministic algorithms where available
+    device: str = "auto"         # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
+    ddp_backend: str = "auto"    # torchrun: auto (nccl on CUDA, gloo on CPU) | nccl | gloo (ranks may share a GPU)
+    deterministic: bool = True   # exact resume; GPU configs set false for speed (cuDNN benchmark)
     val_every: int = 1
     log_every: int = 10          # steps between progress updates
 
@@ -137,6 +138,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.global_pool": ("avg", "max", "avgmax"),
     "loss.name": ("focal", "asl", "bce"),
     "training.amp": ("auto", "bf16", "fp16", "off"),
+    "training.ddp_backend": ("auto", "nccl", "gloo"),
     "evaluation.tune_thresholds": ("f1", "youden", "crg", "none"),
     "evaluation.checkpoint": ("best_auroc", "best_f1", "last"),
 }

@@ -37,8 +37,8 @@ from cttrain.thresholds import apply_fold_thresholds, nested_fold_thresholds, sa
 
 # Keys that say where and how fast a run executes, not what it computes: a resumed run may change
 # them (e.g. `cv --devices` resumes each fold with its own `training.device`).
-RUNTIME_KEYS = frozenset({"training.device", "training.log_every", "data.num_workers", "data.prefetch",
-                          "data.pin_memory"})
+RUNTIME_KEYS = frozenset({"training.device", "training.ddp_backend", "training.log_every", "data.num_workers",
+                          "data.prefetch", "data.pin_memory"})
 SUMMARY_METRICS = ("auroc_macro", "f1_macro", "precision_macro", "recall_macro", "accuracy", "ranking_score", "crg")
 RANKING_NOTE = ("ranking_score is the mean of the five macro metrics (AUROC, F1, precision, recall, "
                 "accuracy); it is ours, for comparing runs: the challenge ranks teams by a points system")

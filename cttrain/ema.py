@@ -34,17 +34,24 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """One EMA step over all parameters in a few fused `torch._foreach_*` calls: a per-tensor
+        loop launches two kernels per parameter (hundreds per optimizer step on a ResNet-50)."""
         d = self.current_decay()
         live = dict(model.named_parameters())
+        shadows, sources, exact = [], [], []
         for name, shadow in self.module.named_parameters():
             src = live[name].detach()
             if shadow.dtype.is_floating_point:
-                shadow.lerp_(src.to(shadow.dtype), 1.0 - d)
+                shadows.append(shadow)
+                sources.append(src.to(shadow.dtype))
             else:
-                shadow.copy_(src)
+                exact.append((shadow, src))
+        if shadows:
+            torch._foreach_lerp_(shadows, sources, 1.0 - d)
         live_buffers = dict(model.named_buffers())
-        for name, shadow in self.module.named_buffers():
-            shadow.copy_(live_buffers[name])
+        exact += [(shadow, live_buffers[name]) for name, shadow in self.module.named_buffers()]
+        if exact:
+            torch._foreach_copy_([s for s, _ in exact], [t for _, t in exact])
         self.updates += 1
 
     def state_dict(self) -> dict[str, Any]:

@@ -154,7 +154,7 @@ def train_fold(cfg: ExperimentConfig, fold: int, run_dir: Path, *, k: int, resum
     Under torchrun (RANK/WORLD_SIZE set) every rank calls this; only rank 0 writes files."""
     from ctprep.config import to_dict
 
-    ctx = distributed.setup(cfg.training.device)
+    ctx = distributed.setup(cfg.training.device, backend=cfg.training.ddp_backend)
     if console is None and progress and ctx.is_main:
         from rich.console import Console
 

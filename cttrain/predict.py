@@ -90,9 +90,12 @@ def check_store(run_dir: Path, cfg: Any, cache: str | Path, channels: list[str])
                            "rebuild the store with the run's preprocess config")
 
 
-def _loader(run_dir: Path, cfg: Any, cache: str | Path, channels: list[str], batch_size: int | None
-            ) -> tuple[Any, np.ndarray, Any]:
-    """(reader, written rows, evaluation loader) of the store to predict."""
+def _loader(run_dir: Path, cfg: Any, cache: str | Path, channels: list[str], batch_size: int | None,
+            device: Any) -> tuple[Any, np.ndarray, Any]:
+    """(reader, written rows, evaluation loader) of the store to predict on `device`.
+
+    Memory is pinned only for a CUDA device: on a GPU host, `--device cpu` would otherwise pin every
+    batch (and start a pin thread on the GPU) for nothing."""
     from cttrain.data import VolumeDataset, make_loader
     from cttrain.reader import StoreReader
 
@@ -104,7 +107,8 @@ def _loader(run_dir: Path, cfg: Any, cache: str | Path, channels: list[str], bat
     d = cfg.data
     dataset = VolumeDataset(reader, rows, d.slices, d.slice_stride, train=False, seed=cfg.training.seed)
     loader = make_loader(dataset, batch_size or d.batch_size, train=False, seed=cfg.training.seed, epoch=0,
-                         num_workers=d.num_workers, prefetch=d.prefetch, pin_memory=d.pin_memory)
+                         num_workers=d.num_workers, prefetch=d.prefetch,
+                         pin_memory=d.pin_memory and device.type == "cuda")
     return reader, rows, loader
 
 
@@ -115,7 +119,7 @@ def ensemble_probs(run_dir: Path, cache: str | Path, *, checkpoint: str, tta_fli
 
     from cttrain.checkpoint import load_model_from_checkpoint
     from cttrain.config import load_config
-    from cttrain.distributed import resolve_device
+    from cttrain.distributed import resolve_device, use_device
     from cttrain.engine import predict_probs
     from cttrain.trainer import resolve_amp
 
@@ -124,13 +128,14 @@ def ensemble_probs(run_dir: Path, cache: str | Path, *, checkpoint: str, tta_fli
     cfg = load_config(run_dir / "config.yaml")
     paths = find_checkpoints(run_dir, checkpoint)
     dev = resolve_device(device)
+    use_device(dev)  # the pin thread and the bf16 check follow the current device
     amp_dtype = resolve_amp(cfg.training.amp, dev)[0]
     total, labels, loader = 0.0, None, None
     for path in paths:
         model, _ = load_model_from_checkpoint(path, dev)
         if loader is None:  # the fold models share the run config, so one loader serves them all
             labels = list(model.label_names)
-            reader, rows, loader = _loader(run_dir, cfg, cache, list(model.channels), batch_size)
+            reader, rows, loader = _loader(run_dir, cfg, cache, list(model.channels), batch_size, dev)
         elif list(model.label_names) != labels:
             raise PredictError(f"{path}: label names differ from the other folds' models")
         got_rows, probs = predict_probs(model, loader, dev, amp_dtype=amp_dtype, tta_flip=tta_flip)

@@ -16,7 +16,8 @@ from typing import Any
 
 def fold_command(run_dir: Path, fold: int, k: int, device: str, resume: bool) -> list[str]:
     """The subprocess that trains one fold on one device. Without `resume` the saved config is
-    passed as `--config` so a stale checkpoint of an earlier run is not continued."""
+    passed as `--config` so a stale checkpoint of an earlier run is not continued. The fold makes
+    `device` its current CUDA device (`distributed.setup`), so nothing of it lands on GPU 0."""
     cmd = [sys.executable, "-m", "cttrain", "fold", str(fold), "--out", str(run_dir), "--folds", str(k)]
     cmd += ["--resume"] if resume else ["--config", str(run_dir / "config.yaml")]
     return cmd + ["--set", f"training.device={device}"]

@@ -1,9 +1,11 @@
 """The optimisation state of one fold and its epoch loop: model, AdamW, schedule, AMP, EMA, DDP.
 
 `Trainer` owns what a checkpoint must restore; `cttrain.engine.train_fold` owns files, validation
-bookkeeping and resume. Randomness is a pure function of (seed, epoch, step, rank): the global
-generators are re-seeded at the start of every epoch and device augmentation draws from a
-generator seeded per step, so an epoch replays identically after a resume.
+bookkeeping and resume. `train_step` is one batch's forward and backward, with AMP, accumulation
+and DDP's no_sync around it; `train_epoch` only feeds it (data, augmentation, statistics).
+Randomness is a pure function of (seed, epoch, step, rank): the global generators are re-seeded
+at the start of every epoch and device augmentation draws from a generator seeded per step, so an
+epoch replays identically after a resume.
 
 AdamW: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019,
 https://arxiv.org/abs/1711.05101 (no decay on biases and normalisation weights, as is usual).
@@ -48,7 +50,13 @@ def seed_everything(seed: int) -> None:
 
 
 def configure_determinism(deterministic: bool) -> None:
-    """Deterministic kernels where they exist (a warning, not an error, where they do not)."""
+    """Deterministic kernels where they exist (a warning, not an error, where they do not).
+
+    On: a resumed epoch replays bit for bit (cuDNN benchmark off, so the same kernels every run).
+    Off (what the GPU configs choose): cuDNN benchmarks and keeps the fastest kernels, some of
+    which reduce in a varying order, so a resumed run continues from the same checkpoint and data
+    order but no longer reproduces the uninterrupted run's weights exactly. CPU kernels are the
+    same either way."""
     if deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; must be set before its first use.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -62,8 +70,28 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bo
     if device.type != "cuda" or mode == "off":
         return None, False
     if mode == "auto":
-        mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        mode = "bf16" if native_bf16(device) else "fp16"
     return (torch.bfloat16, False) if mode == "bf16" else (torch.float16, True)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 in hardware on `device` (compute capability 8.0+, or ROCm).
+
+    `torch.cuda.is_bf16_supported()` alone also counts GPUs that only emulate bf16 (a T4, where it
+    is slower than fp16) and asks the current device, which need not be the training device."""
+    with torch.cuda.device(device):
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def compile_backbone(model: nn.Module, **options: Any) -> None:
+    """`torch.compile` the model's backbone in place (state-dict keys unchanged); the head stays eager.
+
+    The dropout schedule changes the head's dropout rate each epoch of its ramp; a compiled whole
+    model guards on that rate, so every new rate recompiled, and after the recompile limit (8) the
+    model silently ran uncompiled. The backbone holds nearly all of the arithmetic. Under DDP the
+    compiled backbone's backward is one autograd node, so its gradients are all-reduced after it
+    rather than overlapped bucket by bucket (to be measured on a GPU)."""
+    model.backbone.compile(**options)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -118,7 +146,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if cfg.model.compile and self.device.type == "cuda":
-            self.net = torch.compile(self.net)
+            compile_backbone(self.model)
 
     def _augmenters(self, acfg: Any) -> tuple[Callable | None, bool]:
         device_aug = None
@@ -153,7 +181,7 @@ class Trainer:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device_augment is None and not self.mix:
             return x, y
-        # augment.py draws every random parameter from a CPU generator and moves them to the device
+        # augment.py draws every random parameter from a CPU generator and uploads them in one copy
         gen = torch.Generator()
         gen.manual_seed(derive_seed(self.cfg.training.seed, epoch, step, self.ctx.rank))
         if self.device_augment is not None:
@@ -180,6 +208,22 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, *, group: int, sync: bool) -> torch.Tensor:
+        """Forward and backward of one augmented batch on the device; returns its (detached) loss.
+
+        The batch is one of `group` accumulated into one optimizer step. `sync` marks the group's
+        last batch: only then does DDP all-reduce the gradients (no_sync before) and the optimizer,
+        schedule and EMA step."""
+        no_sync = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
+        with no_sync:
+            with self._autocast():
+                logits = self.net(x)
+            loss = self.loss_fn(logits.float(), y)
+            self.scaler.scale(loss / group).backward()
+        if sync:
+            self._optimizer_step()
+        return loss.detach()
+
     def train_epoch(self, loader: Iterable, epoch: int, on_step: StepCallback | None = None) -> EpochStats:
         """One pass over `loader` with gradient accumulation; returns this rank's statistics."""
         from cttrain.data import to_device
@@ -200,16 +244,9 @@ class Trainer:
             group_start = i - i % accum
             group = min(accum, n - group_start)  # the last group of an epoch may be shorter
             sync = i == group_start + group - 1
-            no_sync = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
-            with no_sync:
-                with self._autocast():
-                    logits = self.net(x)
-                loss = self.loss_fn(logits.float(), y)
-                self.scaler.scale(loss / group).backward()
             if sync:
-                lr = self.lr()
-                self._optimizer_step()
-            loss_sum += loss.detach()
+                lr = self.lr()  # the rate this optimizer step uses
+            loss_sum += self.train_step(x, y, group=group, sync=sync)
             samples += int(x.shape[0])
             if on_step is not None and ((i + 1) % log_every == 0 or i + 1 == n):
                 elapsed = max(time.perf_counter() - start, 1e-9)
@@ -220,10 +257,19 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         mean_loss = float(loss_sum) / max(n, 1)
-        if not math.isfinite(mean_loss):
-            raise TrainingError(f"training loss became {mean_loss} in epoch {epoch + 1}; lower training.lr, "
-                                "set training.grad_clip, or use training.amp=bf16/off")
+        self._check_finite(mean_loss, epoch)
         return EpochStats(mean_loss, lr, time.perf_counter() - start, samples, wait, n)
+
+    def _check_finite(self, mean_loss: float, epoch: int) -> None:
+        """Raise on every rank together when any rank's epoch loss is not finite.
+
+        The loss is all-reduced first (NaN or inf anywhere makes the sum non-finite): a rank raising
+        alone would leave the others waiting in their next collective until the process group's
+        timeout (30 minutes)."""
+        total = distributed.all_reduce_sum(self.ctx, [mean_loss])[0]
+        if not math.isfinite(total):
+            raise TrainingError(f"training loss became {total / self.ctx.world_size} in epoch {epoch + 1}; "
+                                "lower training.lr, set training.grad_clip, or use training.amp=bf16/off")
 
     def evaluate(self, loader: Iterable) -> tuple[np.ndarray, np.ndarray]:
         """(store rows, float32 logits) of this rank's share of `loader` with the eval weights."""

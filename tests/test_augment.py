@@ -99,6 +99,30 @@ def test_each_augmentation_applies_with_its_probability():
     assert 16 < int(unchanged.sum()) < 48
 
 
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x (B, K, C, H, W) as `cttrain.data.to_device` hands it on CUDA: a view of channels-last slices."""
+    return x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x.shape)
+
+
+def test_channels_last_layout_survives_augmentation_and_mixing():
+    """The model takes channels-last slices without a copy only if augmentation keeps that layout."""
+    half = dict(p_affine=0.5, hflip=0.5, p_elastic=0.5, p_intensity=0.5, p_noise=0.5, p_blur=0.5)
+    mix = dict(mixup_alpha=0.4, cutmix_alpha=1.0, mixup_p=1.0)
+    configs = [AugmentConfig(**{**STRONG, "p_noise": 1.0, **mix}), AugmentConfig(**{**half, **mix})]
+    kept = 0
+    for seed in range(50):
+        for c in configs:
+            x, y = smooth_batch(seed=seed), torch.rand(4, 3, generator=gen(seed))
+            outputs = []
+            for batch in (channels_last(x), x):
+                g = gen(seed)  # one generator for both steps, as in Trainer._augment
+                outputs.append(mix_batch(DeviceAugment(c)(batch, g), y, c, g)[0])
+            out, ref = outputs
+            kept += out.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)  # same pixels, other memory order
+    assert kept == 100
+
+
 # ---------------------------------------------------------------------------------- mix_batch
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,10 +112,45 @@ def test_train_step(work: Path, results: dict) -> None:
                   "--set", "data.batch_size=2", "--threads", "1")
     run = r["runs"]["demo_cpu"]
     assert run["steps"] == 2 and run["volumes"] == 4
+    assert run["skipped_steps"] == DEMO.data.num_workers * DEMO.data.prefetch and run["startup_s"] > 0
     assert run["slices_per_s"] > 0 and 0 <= run["data_wait_frac"] <= 1
+    assert run["deterministic"] is True and run["cudnn_benchmark"] is False  # the mode it ran in
     assert run["backbone"] == "tiny" and run["device"] == "cpu"
     assert "default_cuda_compile_off" not in r["runs"]  # --device cpu: the GPU path is skipped
     results["train_step"] = r
+
+
+def test_train_step_times_steady_state_steps_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loader that takes 1 s to start is reported as start-up, not charged to the timed steps."""
+    from test_engine import make_store, tiny_cfg
+
+    import cttrain.data
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import train_step
+    finally:
+        sys.path.remove(str(BENCH))
+
+    class SlowStart:
+        def __init__(self, loader: object) -> None:
+            self.loader = loader
+
+        def __len__(self) -> int:
+            return len(self.loader)
+
+        def __iter__(self) -> object:
+            time.sleep(1.0)  # forking workers, opening the store, the first reads
+            return iter(self.loader)
+
+    real = cttrain.data.make_loader
+    monkeypatch.setattr(cttrain.data, "make_loader", lambda *a, **kw: SlowStart(real(*a, **kw)))
+    store = make_store(tmp_path / "tiny.zarr")
+    r = train_step.run(tiny_cfg(store), store, steps=2, warmup_steps=1, skip=1)
+    assert r["startup_s"] >= 1.0 and r["seconds"] < 1.0
+    assert r["steps"] == 2 and r["volumes"] == 8 and r["skipped_steps"] == 1
+    assert r["slices_per_s"] == pytest.approx(8 * 4 / r["seconds"], rel=0.01)
+    assert 0 <= r["data_wait_frac"] < 1
 
 
 def test_run_all_summary(results: dict) -> None:

@@ -120,10 +120,13 @@ def test_no_weight_decay_on_biases_and_norm_weights():
 
 
 def test_amp_choice(monkeypatch):
+    import contextlib
+
     from cttrain.trainer import resolve_amp
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert [resolve_amp(m, cpu) for m in ("auto", "bf16", "fp16", "off")] == [(None, False)] * 4
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # no GPU here
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_amp("auto", cuda) == (torch.bfloat16, False)
     assert resolve_amp("fp16", cuda) == (torch.float16, True)
@@ -143,6 +146,25 @@ def test_ema_moves_towards_the_live_weights():
     ema.update(model)  # first update: decay min(0.5, 1/10) = 0.1
     assert torch.allclose(ema.module.weight, start + 0.9)
     assert not ema.module.weight.requires_grad
+
+
+def test_train_step_steps_the_optimizer_only_at_the_end_of_a_group(store):
+    from cttrain import distributed
+    from cttrain.trainer import Trainer
+
+    trainer = Trainer(tiny_cfg(store, **{"training.accumulate": 2}), in_channels=3, num_labels=3,
+                      pos_freq=np.full(3, 0.5), steps_per_epoch=2, ctx=distributed.setup("cpu"))
+    x, y = torch.rand(2, 4, 3, 32, 32), torch.ones(2, 3)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    loss = trainer.train_step(x, y, group=2, sync=False)
+    assert loss.ndim == 0 and not loss.requires_grad
+    params = list(trainer.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True))   # gradients only
+    assert all(p.grad is not None for p in params)
+    trainer.train_step(x, y, group=2, sync=True)
+    assert trainer.scheduler.last_step == 1 and trainer.optimizer.state                # one optimizer step
+    assert not all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
+    assert all(p.grad is None for p in params)                                       # zeroed for the next group
 
 
 # --------------------------------------------------------------------------------- a whole fold
