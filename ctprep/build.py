@@ -16,7 +16,11 @@ Decisions a user can rely on:
 - The failure report goes beside the store, named after it (`ctrate.zarr.failures.json`, see
   `ctprep.store.side_file`), so two stores in one folder keep their own; with `--shard I/N` (N > 1)
   each shard writes `<store>.failures.shard-I-of-N.json` so concurrent shards do not overwrite
-  each other's report.
+  each other's report (`ctprep info` and `verify` merge them).
+- `--out` may be an fsspec URL (`s3://bucket/prefix/store.zarr`): the shards of a job array then
+  create and fill one store on object storage without locks (`ctprep.remote_store`), their reports
+  beside it in the bucket. `create_only` creates (or validates) the store and builds nothing: run
+  it once before the array.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ class BuildReport:
     warnings: list[str] = field(default_factory=list)
     qc_flagged: list[dict[str, Any]] = field(default_factory=list)
     elapsed_s: float = 0.0
-    failures_path: Path | None = None
+    failures_path: Path | str | None = None
     shard: tuple[int, int] = (0, 1)
     to_do: int = 0                  # rows this run tried to (re)build
 
@@ -77,7 +81,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def failures_path_for(out: str | Path, shard: tuple[int, int]) -> Path:
+def failures_path_for(out: str | Path, shard: tuple[int, int]) -> Path | str:
     from ctprep.store import side_file
 
     return side_file(out, "failures", shard)
@@ -87,11 +91,11 @@ def failures_path_for(out: str | Path, shard: tuple[int, int]) -> Path:
 
 
 def _store_state(path: str) -> str:
-    """'absent' | 'store' | 'empty' (an empty directory) | 'other'."""
-    from ctprep.store import store_exists
-
+    """'absent' | 'store' | 'empty' (an empty directory) | 'other'; remote also 'creating'."""
     if "://" in path:
-        return "store" if store_exists(path) else "absent"
+        from ctprep.remote_store import state
+
+        return state(path)
     p = Path(path)
     if not p.exists():
         return "absent"
@@ -111,7 +115,12 @@ def _create(path: str, table: inputs.LabelTable, cfg: PreprocessConfig) -> Cache
                   labels=np.array([r.labels for r in table.rows], dtype=np.uint8).reshape(len(names), -1),
                   label_names=table.label_names, cfg=cfg)
     if "://" in path:
-        return create_store(path, **kwargs)
+        from ctprep.remote_store import create_remote
+
+        create_remote(path, **kwargs)
+        store = CacheStore(path, mode="r+")
+        _validate(store, table, cfg)  # a racing creator with other inputs, where claims are not exclusive
+        return store
     target = Path(path)
     for stale in target.parent.glob(f"{target.name}.creating-*"):
         shutil.rmtree(stale, ignore_errors=True)  # a creator killed earlier (we hold the lock)
@@ -167,6 +176,8 @@ def _open_or_create(path: str, lock_path: str, table: inputs.LabelTable, cfg: Pr
         state = _store_state(path)
         if state == "other":
             raise BuildError(f"--out {path} exists and is not a zarr store; refusing to write into it")
+        if state == "creating":  # remote: another shard is creating it (or was killed doing so)
+            return _create(path, table, cfg)
         if state == "store":
             try:
                 store = CacheStore(path, mode="r+")
@@ -224,13 +235,18 @@ def _plan(store: CacheStore, table: inputs.LabelTable, index: inputs.FileIndex,
     from ctprep.io import VolumeReadError, source_fingerprint
     from ctprep.store import clean_stale_temp_files
 
-    written, sources = store.written(), store.sources()
-    if shard[1] == 1 and not written.all():
+    written = store.written()
+    i, n = shard
+    if n == 1 and not written.all():
         # A killed writer's temp files imply an unwritten row; unsharded, nobody else is writing.
         clean_stale_temp_files(store.path)
-    infos = store.all_row_info()
+    if store.remote:  # one request per row: read only this shard's written rows
+        done = [r for r in range(i, len(table.rows), n) if written[r]]
+        sources = dict(zip(done, store.sources(done), strict=True))
+        infos = dict(zip(done, store.all_row_info(done), strict=True))
+    else:
+        sources, infos = dict(enumerate(store.sources())), dict(enumerate(store.all_row_info()))
     tasks = []
-    i, n = shard
     for row in range(i, len(table.rows), n):
         entry = table.rows[row]
         path, reason = inputs.resolve_volume(index, entry.name)
@@ -273,8 +289,10 @@ def _volume_meta(entry: inputs.MetaEntry | None) -> Any:
 
 def build_cache(data_dir: Path, labels_csv: Path, out: str | Path, cfg: PreprocessConfig, *,
                 metadata_csv: Path | None = None, workers: int = 1, shard: tuple[int, int] = (0, 1),
-                overwrite: bool = False, progress: bool = True, console: Console | None = None) -> BuildReport:
-    """Create or complete the store at `out`; per-volume problems are reported, not raised."""
+                overwrite: bool = False, progress: bool = True, console: Console | None = None,
+                create_only: bool = False) -> BuildReport:
+    """Create or complete the store at `out`; per-volume problems are reported, not raised.
+    `create_only`: create (or validate) the store and its rows, build nothing (before a job array)."""
     from ctprep.workers import run_tasks
 
     start = time.perf_counter()
@@ -284,6 +302,8 @@ def build_cache(data_dir: Path, labels_csv: Path, out: str | Path, cfg: Preproce
     i, n = shard
     if n < 1 or not 0 <= i < n:
         raise BuildError(f"--shard {i}/{n}: need N >= 1 and 0 <= I < N")
+    if create_only and overwrite:
+        raise BuildError("--create-only cannot be combined with --overwrite")
     if overwrite and n > 1:
         raise BuildError("--overwrite cannot be combined with --shard N>1: rebuild with one process "
                          "(or delete the store and start the shards again)")
@@ -304,6 +324,11 @@ def build_cache(data_dir: Path, labels_csv: Path, out: str | Path, cfg: Preproce
         raise BuildError(f"--overwrite of the remote store {out} is not supported: delete it first")
     target = f"{out}.overwrite-tmp" if swap else out
     store = _open_or_create(target, out, table, cfg, replace=overwrite)
+    if create_only:
+        report.already_done = int(store.written().sum())
+        report.elapsed_s = time.perf_counter() - start
+        report.failures_path = None  # nothing was tried: the shards' reports are theirs to write
+        return report
     tasks = _plan(store, table, index, meta, shard, report)
     report.to_do = len(tasks)
     if progress and console is not None:
@@ -329,15 +354,13 @@ def _warn_unreferenced(report: BuildReport, index: inputs.FileIndex, table: inpu
 
 def write_failures(report: BuildReport) -> None:
     """The failure report beside the store (written atomically; an empty list means a clean run)."""
+    from ctprep.remote import write_text
+
     if report.failures_path is None:
         return
     payload = {"store": report.store, "shard": list(report.shard), "failures": report.failures,
                "warnings": report.warnings, "qc_flagged": report.qc_flagged}
-    path = report.failures_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(report.failures_path, json.dumps(payload, indent=2) + "\n")
 
 
 def print_report(report: BuildReport, console: Console) -> None:

@@ -27,6 +27,14 @@ err_console = Console(stderr=True)
 StorePath = Annotated[str, typer.Argument(help="Path (or fsspec URL) of the zarr store, e.g. data/cache/demo.zarr.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Experiment YAML (reads its `preprocess` and `folds` sections).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: section.key=value (repeatable).")]
+StorageOpt = Annotated[Optional[list[str]], typer.Option("--storage-option", help="fsspec option for a remote store (s3://...), key=value, repeatable: endpoint_url=http://host:9000, anon=true, client_kwargs.region_name=eu-west-1. Credentials also come from AWS_* / ~/.aws as usual; none is ever written to a file.")]
+
+
+def configure_storage(config: Optional[Path], overrides: Optional[list[str]], options: Optional[list[str]]) -> None:
+    """This command's remote-store settings: YAML `storage` < `--set storage.*` < `--storage-option`."""
+    from ctprep.remote import configure, load_storage
+
+    configure(load_storage(config, overrides or [], options or []))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -88,7 +96,9 @@ def build_cache(
     workers: Annotated[int, typer.Option("--workers", "-j", help="Worker processes.")] = 1,
     shard: Annotated[str, typer.Option("--shard", help="I/N: fill only rows with row % N == I (job arrays).")] = "0/1",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild from scratch (the old store stays until the new one is complete).")] = False,
+    create_only: Annotated[bool, typer.Option("--create-only", help="Create (or check) the store and its rows, build nothing: run once before a job array of --shard I/N.")] = False,
     set_: SetOpt = None,
+    storage_option: StorageOpt = None,
 ) -> None:
     """Build (or resume) the store: correct HU, resample, windows, CLAHE, verified rows."""
     from ctprep.build import build_cache as run_build
@@ -97,12 +107,18 @@ def build_cache(
 
     try:
         cfg = load_preprocess(config, set_ or [])
+        configure_storage(config, set_, storage_option)
         if workers < 1:
             raise ValueError("--workers must be >= 1")
         report = run_build(data_dir, labels, out, cfg, metadata_csv=metadata, workers=workers,
-                           shard=parse_shard(shard), overwrite=overwrite, progress=True, console=console)
+                           shard=parse_shard(shard), overwrite=overwrite, progress=True, console=console,
+                           create_only=create_only)
     except (*_user_errors(), ValueError) as exc:
         _fail(exc)
+    if create_only:
+        console.print(f"[green]store ready[/green]: {out} ({report.rows} rows, {report.already_done} written); "
+                      "now start the --shard I/N jobs", highlight=False)
+        return
     print_report(report, console)
     if not report.ok:
         raise typer.Exit(code=1)
@@ -116,6 +132,7 @@ def make_folds_cmd(
     config: ConfigOpt = None,
     from_file: Annotated[Optional[Path], typer.Option("--from", help="Use your own folds: a STORE.folds.json or a VolumeName,fold CSV.")] = None,
     set_: SetOpt = None,
+    storage_option: StorageOpt = None,
 ) -> None:
     """Patient-grouped multi-label stratified folds balanced in volumes; writes the store's `folds` and STORE.folds.json."""
     from ctprep.config import load_folds
@@ -125,6 +142,7 @@ def make_folds_cmd(
 
     try:
         cfg = load_folds(config, set_ or [])
+        configure_storage(config, set_, storage_option)
         table = make_folds(store, k=folds if folds is not None else cfg.k,
                            seed=seed if seed is not None else cfg.seed, from_file=from_file)
     except _user_errors() as exc:
@@ -139,13 +157,15 @@ def make_folds_cmd(
 def info(
     store: StorePath,
     json_: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    storage_option: StorageOpt = None,
 ) -> None:
-    """Counts, shape, windows, written/failed rows, HU rules, QC flags and the fold table."""
+    """Counts, shape, windows, written/failed rows, HU rules, QC flags, the fold table and the merged shard reports."""
     import json
 
     from ctprep.info import render_info, store_info
 
     try:
+        configure_storage(None, None, storage_option)
         data = store_info(store)
     except _user_errors() as exc:
         _fail(exc)
@@ -159,11 +179,13 @@ def info(
 def verify(
     store: StorePath,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Reader threads.")] = 2,
+    storage_option: StorageOpt = None,
 ) -> None:
-    """Check every written row's chunk checksums; damaged rows are named and unflagged (re-run build-cache)."""
+    """Check every written row's chunk checksums; damaged rows are named and unflagged (re-run build-cache); merges the shard reports."""
     from ctprep.verify import print_verify, verify_store
 
     try:
+        configure_storage(None, None, storage_option)
         report = verify_store(store, workers=workers)
     except _user_errors() as exc:
         _fail(exc)
@@ -178,11 +200,13 @@ def preview(
     volume: Annotated[str, typer.Argument(help="VolumeName (with or without .nii.gz).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")],
     slices: Annotated[int, typer.Option(help="Number of evenly spaced slices (columns).")] = 6,
+    storage_option: StorageOpt = None,
 ) -> None:
     """A montage of slices x windows, to see at a glance that HU, windowing and CLAHE are right."""
     from ctprep.info import preview as run_preview
 
     try:
+        configure_storage(None, None, storage_option)
         path = run_preview(store, volume, out, slices=slices)
     except _user_errors() as exc:
         _fail(exc)

@@ -19,8 +19,10 @@ from typing import Any, TypeVar
 
 import yaml
 
+# `storage` (ctprep.remote.StorageConfig) says how to reach a remote store; it is read by both stages
+# and never saved into a run directory (it may hold credentials).
 SECTIONS: tuple[str, ...] = (
-    "preprocess", "folds", "data", "model", "augment", "loss", "training", "evaluation",
+    "preprocess", "folds", "data", "model", "augment", "loss", "training", "evaluation", "storage",
 )
 
 

@@ -190,6 +190,7 @@ def _spreads(entries: list[dict[str, Any]], label_names: Sequence[str]) -> dict[
 def make_folds(store_path: str | Path, *, k: int, seed: int, from_file: Path | None = None) -> dict[str, Any]:
     """Assign folds, write the store's `folds` array (+ attrs) and the fold lists beside the store
     (`<store>.folds.json`)."""
+    from ctprep.remote import write_text
     from ctprep.store import open_store
 
     store = open_store(store_path, mode="r+")
@@ -203,22 +204,16 @@ def make_folds(store_path: str | Path, *, k: int, seed: int, from_file: Path | N
     check_patient_disjoint(pids, folds, names)
     # Write the fold lists first: if that fails, the store is untouched.
     folds_json = folds_json_path(store_path)
-    if folds_json is not None:
-        tmp = folds_json.with_name(f".{folds_json.name}.tmp")
-        tmp.write_text(json.dumps(fold_lists(names, folds), indent=1), encoding="utf-8")
-        tmp.replace(folds_json)
-        meta["folds_json"] = str(folds_json)
+    write_text(folds_json, json.dumps(fold_lists(names, folds), indent=1))
+    meta["folds_json"] = str(folds_json)
     store.write_folds(folds, meta)
     table = fold_table(folds, pids, labels, store.label_names, store.written())
     table.update(meta=meta)
     return table
 
 
-def folds_json_path(store_path: str | Path) -> Path | None:
-    """`<store>.folds.json` beside the store (None for remote stores: the store's `folds` array and
-    attrs hold the same assignment)."""
+def folds_json_path(store_path: str | Path) -> Path | str:
+    """`<store>.folds.json` beside the store (a URL beside a remote store)."""
     from ctprep.store import side_file
 
-    if "://" in str(store_path):
-        return None
     return side_file(store_path, "folds")

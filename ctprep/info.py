@@ -8,7 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from ctprep import remote
 from ctprep.folds import fold_table
+from ctprep.reports import merge_reports
 from ctprep.store import CacheStore, StoreError, open_store, side_file, store_bytes
 
 
@@ -48,7 +50,15 @@ def store_info(path: str | Path) -> dict[str, Any]:
         "compression_ratio": (images_bytes * written.mean() / nbytes) if nbytes and written.any() else None,
         "preprocess": store.preprocess,
         "side_files": side_files(path),
+        "failure_reports": _merged_summary(path, written, store.volume_names),
     }
+
+
+def _merged_summary(path: str | Path, written: np.ndarray, names: list[str]) -> dict[str, Any]:
+    """The failure reports of every build-cache run and shard, merged (`ctprep.reports`)."""
+    merged = merge_reports(path, written, names)
+    return {"reports": merged["reports"], "unreadable": merged["unreadable"], "open": merged["failures"],
+            "resolved": merged["resolved"], "qc_flagged": len(merged["qc_flagged"])}
 
 
 def side_files(path: str | Path) -> dict[str, Any]:
@@ -56,20 +66,20 @@ def side_files(path: str | Path) -> dict[str, Any]:
     and files under the old shared names (`failures.json`, `folds.json` in the parent folder,
     written before side files were named per store: they may belong to another store)."""
     out: dict[str, Any] = {kind: _entry(side_file(path, kind)) for kind in ("failures", "folds")}
-    if "://" in str(path):
-        return out
-    store = Path(str(path).rstrip("/"))
-    shards = sorted(store.parent.glob(f"{store.name}.failures.shard-*-of-*.json"))
+    shards = remote.glob(f"{str(path).rstrip('/')}.failures.shard-*-of-*.json")
     if shards:
         out["failures_shards"] = [str(p) for p in shards]
+    if remote.is_remote(path):
+        return out
+    store = Path(str(path).rstrip("/"))
     legacy = [str(store.parent / n) for n in ("failures.json", "folds.json") if (store.parent / n).is_file()]
     if legacy:
         out["legacy_shared"] = legacy
     return out
 
 
-def _entry(path: Path) -> dict[str, Any]:
-    return {"path": str(path), "exists": path.is_file()}
+def _entry(path: remote.Target) -> dict[str, Any]:
+    return {"path": str(path), "exists": remote.exists(path)}
 
 
 def render_info(info: dict[str, Any], console: Any) -> None:
@@ -96,6 +106,13 @@ def render_info(info: dict[str, Any], console: Any) -> None:
         summary.add_row(what, entry["path"] + ("" if entry["exists"] else "  (not written yet)"))
     for shard in info["side_files"].get("failures_shards", []):
         summary.add_row("shard failure report", shard)
+    reports = info["failure_reports"]
+    if len(reports["reports"]) > 1 or reports["unreadable"]:
+        opened = len(reports["open"])
+        summary.add_row("failures, all reports", (f"[red]{opened} open[/red]" if opened else "0 open")
+                        + f" (merged from {len(reports['reports'])} report(s); {reports['resolved']} fixed since; "
+                        "`ctprep verify` writes the merged report)"
+                        + "".join(f"  [red]unreadable: {u}[/red]" for u in reports["unreadable"]))
     for old in info["side_files"].get("legacy_shared", []):
         summary.add_row("old shared file", f"{old}  [yellow](old name, shared by the folder's stores: may not be "
                         "this store's; delete it after a re-run)[/yellow]")

@@ -23,24 +23,32 @@ atomically (temporary file + rename): a `kill -9` leaves either the old or the n
 marked `written` only after its images were read back and checked (the shard's bytes against their
 checksums), so an interrupted row is simply redone. Group attrs are written only at creation (under
 a lock) and by `make-folds`.
+
+The same holds on object storage (any fsspec URL, `ctprep.remote`): there every chunk is one
+object and a PUT is atomic; creation without a lock is `ctprep.remote_store`'s protocol.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ctprep import CACHE_VERSION
+from ctprep import CACHE_VERSION, remote
 from ctprep.config import PreprocessConfig, to_dict
+from ctprep.store_files import (  # noqa: F401 - re-exported: the store's own helpers, one import away
+    SIDE_FILES,
+    clean_stale_temp_files,
+    creation_lock,
+    side_file,
+    store_bytes,
+)
 
 SCHEMA = "ctprep-cache/1"
 
@@ -107,68 +115,16 @@ def has_checksums(array: Any) -> bool:
 
 
 def _is_local(path: str | Path) -> bool:
-    return "://" not in str(path)
-
-
-@contextlib.contextmanager
-def creation_lock(path: str | Path) -> Iterator[None]:
-    """Serialise store creation/validation between processes on one filesystem.
-
-    Remote stores (fsspec URLs) have no lock: create them once (`--shard 0/N` first, or a
-    plain build) before starting a job array."""
-    if not _is_local(path):
-        yield
-        return
-    lock_path = Path(str(path).rstrip("/") + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-SIDE_FILES = ("failures", "folds")
-
-
-def side_file(path: str | Path, kind: str, shard: tuple[int, int] = (0, 1)) -> Path:
-    """Where a store's side file lives: `<store>.<kind>.json` beside the store (`ctrate.zarr` ->
-    `ctrate.zarr.failures.json`, `ctrate.zarr.folds.json`), so two stores in one folder never share
-    a report. A shard I/N (N > 1) of build-cache writes `<store>.failures.shard-I-of-N.json`, so
-    concurrent shards never overwrite each other's. For a remote store (fsspec URL) the file goes to
-    the current directory, named after the URL's last part."""
-    if kind not in SIDE_FILES:
-        raise ValueError(f"unknown side file {kind!r}; choose one of {', '.join(SIDE_FILES)}")
-    text = str(path).rstrip("/")
-    base = Path(text) if _is_local(text) else Path.cwd() / text.rsplit("/", 1)[-1]
-    i, n = shard
-    suffix = f".{kind}.json" if n == 1 else f".{kind}.shard-{i}-of-{n}.json"
-    return base.with_name(base.name + suffix)
-
-
-def store_bytes(path: str | Path) -> int | None:
-    """Bytes on disk of a local store (None for remote stores or a missing path)."""
-    if not _is_local(path) or not Path(path).is_dir():
-        return None
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.stat(os.path.join(root, name)).st_size
-    return total
+    return not remote.is_remote(path)
 
 
 def store_exists(path: str | Path) -> bool:
+    """Whether a store's root is there; a remote store that cannot be reached raises StoreError."""
     if _is_local(path):
         return (Path(path) / "zarr.json").exists()
-    import zarr
+    from ctprep.remote_store import state
 
-    try:
-        zarr.open_group(str(path), mode="r")
-        return True
-    except Exception:  # noqa: BLE001 - any failure to open means "not a group there"
-        return False
+    return state(str(path)) == "store"
 
 
 def create_store(path: str | Path, *, volume_names: Sequence[str], patient_ids: Sequence[str],
@@ -228,11 +184,19 @@ class CacheStore:
 
         self.path = path
         self.mode = mode
+        self.remote = remote.is_remote(path)
+        extra = {"storage_options": remote.storage_options()} if self.remote else {}
         try:
-            self.group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+            self.group = zarr.open_group(str(path), mode=mode, zarr_format=3, **extra)
         except FileNotFoundError:
+            if self.remote:
+                from ctprep.remote_store import state
+
+                state(str(path))  # raises the one line for a missing bucket or denied access
             raise StoreError(f"{path}: no ctprep store here (run `ctprep build-cache` first)") from None
         except Exception as exc:  # noqa: BLE001 - zarr raises several types for a non-store path
+            if self.remote:
+                raise remote.store_error(path, exc) from None
             raise StoreError(f"{path}: not a readable zarr v3 store ({type(exc).__name__}: {exc})") from None
         self.attrs = dict(self.group.attrs)
         schema = self.attrs.get("schema")
@@ -257,13 +221,34 @@ class CacheStore:
         """Whether the images' chunks carry crc32c checksums (cache version >= 2)."""
         return has_checksums(self.array("images"))
 
+    def shard_key(self, row: int) -> str:
+        """The key of row `row`'s images shard inside the store (`images/c/<row>/0/0/0/0`)."""
+        arr = self.array("images")
+        return "images/" + arr.metadata.encode_chunk_key((row,) + (0,) * (arr.ndim - 1))
+
     def shard_file(self, row: int) -> Path | None:
         """The file holding row `row`'s images (None for remote stores)."""
-        if not _is_local(self.path):
+        if self.remote:
             return None
-        arr = self.array("images")
-        key = arr.metadata.encode_chunk_key((row,) + (0,) * (arr.ndim - 1))
-        return Path(self.path) / "images" / key
+        return Path(self.path) / self.shard_key(row)
+
+    def shard_bytes(self, row: int) -> bytes | None:
+        """The encoded bytes of row `row`'s images shard (None when it does not exist)."""
+        if self.remote:
+            from ctprep.remote_store import object_bytes
+
+            return object_bytes(str(self.path), self.shard_key(row))
+        try:
+            return Path(self.path, self.shard_key(row)).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def shard_exists(self, row: int) -> bool:
+        if self.remote:
+            from ctprep.remote_store import object_exists
+
+            return object_exists(str(self.path), self.shard_key(row))
+        return Path(self.path, self.shard_key(row)).is_file()
 
     # ---- attributes -------------------------------------------------------------------------
     @property
@@ -307,8 +292,13 @@ class CacheStore:
         return np.asarray(self.array("folds")[:], dtype=np.int8)
 
     def written(self) -> np.ndarray:
-        """Written flags; a flag chunk that cannot be decoded (torn by a crash) counts as False."""
+        """Written flags; a flag chunk that cannot be decoded (torn by a crash) counts as False.
+        A remote store's flags come from one listing (`remote_store.written_rows`)."""
         arr = self.array("written")
+        if self.remote:
+            from ctprep.remote_store import written_rows
+
+            return written_rows(str(self.path), arr, self.n)
         try:
             return np.asarray(arr[:], dtype=bool)
         except Exception:  # noqa: BLE001 - fall back to row by row to isolate a damaged chunk
@@ -318,15 +308,21 @@ class CacheStore:
                     out[i] = bool(arr[i])
             return out
 
-    def sources(self) -> list[str]:
-        return [str(s) for s in self.array("source")[:]]
+    def sources(self, rows: Sequence[int] | None = None) -> list[str]:
+        """Source fingerprints of all rows, or of `rows` only (a remote shard reads just its own)."""
+        arr = self.array("source")
+        values = arr[:] if rows is None else (arr.get_coordinate_selection(np.asarray(rows)) if len(rows) else [])
+        return [str(s) for s in values]
 
     def row_info(self, row: int) -> dict[str, Any]:
         text = str(self.array("row_info")[row])
         return json.loads(text) if text else {}
 
-    def all_row_info(self) -> list[dict[str, Any]]:
-        return [json.loads(str(t)) if str(t) else {} for t in self.array("row_info")[:]]
+    def all_row_info(self, rows: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        """Row infos of all rows, or of `rows` only."""
+        arr = self.array("row_info")
+        values = arr[:] if rows is None else (arr.get_coordinate_selection(np.asarray(rows)) if len(rows) else [])
+        return [json.loads(str(t)) if str(t) else {} for t in values]
 
     # ---- per-row access ----------------------------------------------------------------------
     def read_images(self, row: int, slices: Any = slice(None), channels: Any = slice(None)) -> np.ndarray:
@@ -350,17 +346,17 @@ class CacheStore:
         self.array("written")[row] = True
 
     def _check_written(self, row: int, images: np.ndarray) -> None:
-        """Read the row back before it is flagged: locally, the shard's bytes against their crc32c
-        checksums (what zarr encoded is what is on disk; no decompression); else (remote stores,
-        stores without checksums) decoded and compared with what was written."""
+        """Read the row back before it is flagged: the shard's bytes against their crc32c checksums
+        (what zarr encoded is what is on disk or in the bucket; one read, no decompression); stores
+        without checksums decode the row and compare it with what was written."""
         from ctprep.verify import shard_bytes_problem
 
-        shard = self.shard_file(row) if self.checksums else None
-        if shard is not None:
+        if self.checksums:
             arr = self.array("images")
             try:
                 per_shard = int(np.prod([s // c for s, c in zip(arr.shards, arr.chunks, strict=True)]))
-                problem = shard_bytes_problem(shard.read_bytes(), per_shard)
+                raw = self.shard_bytes(row)
+                problem = "its shard is missing" if raw is None else shard_bytes_problem(raw, per_shard)
             except OSError as exc:
                 problem = f"cannot read its shard back ({exc.strerror or exc})"
             if problem:
@@ -389,18 +385,3 @@ def read_error_reason(exc: BaseException) -> str:
 
 def open_store(path: str | Path, mode: str = "r") -> CacheStore:
     return CacheStore(path, mode=mode)
-
-
-def clean_stale_temp_files(path: str | Path) -> int:
-    """Remove temporary chunk files a killed writer left behind (zarr's LocalStore writes
-    `<chunk>.<uuid>.partial` and renames it into place)."""
-    if not _is_local(path):
-        return 0
-    removed = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            if name.endswith(".partial"):
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(root, name))
-                    removed += 1
-    return removed

@@ -9,7 +9,9 @@ command rebuilds exactly them (their source files are unchanged; nothing else is
 
 Whole-store arrays (`labels`, `folds`: one chunk each) cannot be repaired row by row; damage there
 is reported with the way out (`build-cache --overwrite`, `make-folds`). Run verify while no build is
-writing to the store. Stores of cache version 1 have no chunk checksums: verify still decodes every
+writing to the store: it also merges the failure reports of every build-cache run and shard into
+`<store>.failures.json` (`ctprep.reports`), so after a job array one file says what is still open.
+Stores of cache version 1 have no chunk checksums: verify still decodes every
 row (catching truncation and codec errors) and says that a flipped byte may go unnoticed.
 """
 
@@ -41,6 +43,8 @@ class VerifyReport:
     checksums: bool = True
     unflagged: int = 0
     elapsed_s: float = 0.0
+    open_failures: int = 0                 # build failures still open, over every report (merged)
+    merged_path: str | None = None         # where the merged failure report was written
 
     @property
     def ok(self) -> bool:
@@ -80,10 +84,8 @@ def shard_bytes_problem(raw: bytes, n_chunks: int) -> str | None:
 
 def _check_row(store: CacheStore, row: int, shards: bool) -> str | None:
     """Why row `row` cannot be trusted, or None when every chunk of it reads back."""
-    if shards:
-        path = store.shard_file(row)
-        if path is not None and not path.is_file():
-            return f"images shard file missing ({path.name} under images/)"
+    if shards and not store.shard_exists(row):
+        return f"images shard file missing ({store.shard_key(row)})"
     for name in ("images", "source", "row_info"):
         try:
             np.asarray(store.array(name)[row])
@@ -129,8 +131,19 @@ def verify_store(path: str | Path, *, workers: int = 2, repair: bool = True) -> 
         for entry in report.damaged:
             flags[entry["row"]] = False
         report.unflagged = len(report.damaged)
+        _merge_failure_reports(store, report)
     report.elapsed_s = time.perf_counter() - start
     return report
+
+
+def _merge_failure_reports(store: CacheStore, report: VerifyReport) -> None:
+    """Write the merged failure report when there is more than one (a sharded build)."""
+    from ctprep.reports import merge_reports, write_merged
+
+    merged = merge_reports(store.path, store.written(), store.volume_names)
+    report.open_failures = len(merged["failures"])
+    if len(merged["reports"]) > 1:
+        report.merged_path = str(write_merged(store.path, merged))
 
 
 def print_verify(report: VerifyReport, console: Console) -> None:
@@ -159,3 +172,6 @@ def print_verify(report: VerifyReport, console: Console) -> None:
     if report.ok:
         console.print(f"[green]ok[/green]: {report.checked} written row(s) of {report.rows} read back intact "
                       f"({report.elapsed_s:.1f} s)", highlight=False)
+    if report.merged_path:
+        console.print(f"merged the build-cache failure reports into {report.merged_path} "
+                      f"({report.open_failures} failure(s) still open)", highlight=False, soft_wrap=True)

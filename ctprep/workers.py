@@ -135,13 +135,21 @@ def _describe(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------------- worker pool
 
 
-def _worker_main(conn: Any, store_path: str, cfg: PreprocessConfig, threads: int) -> None:
-    """Worker loop: receive a Task, send back its Result; None or a closed pipe ends it."""
+def _worker_main(conn: Any, store_path: str, cfg: PreprocessConfig, threads: int, storage: Any = None) -> None:
+    """Worker loop: receive a Task, send back its Result; None or a closed pipe ends it.
+
+    `storage` is the parent's `remote.StorageConfig`: a worker forked from a forkserver started
+    earlier would otherwise see that server's environment, not the parent's current options."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it stops us)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
     try:
         import SimpleITK as sitk
+
+        from ctprep import remote
+
+        if storage is not None:
+            remote.configure(storage)
 
         from ctprep.store import CacheStore
 
@@ -164,8 +172,11 @@ class _Slot:
     """One worker process, its pipe, and the task it is working on."""
 
     def __init__(self, ctx: Any, store_path: str, cfg: PreprocessConfig, threads: int) -> None:
+        from ctprep import remote
+
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, store_path, cfg, threads), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, store_path, cfg, threads, remote.current()),
+                                daemon=True)
         self.proc.start()
         child.close()
         self.task: Task | None = None
