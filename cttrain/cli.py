@@ -23,6 +23,8 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
+from ctprep.cli import StorageOpt, configure_storage
+
 app = typer.Typer(
     name="cttrain",
     help="Train and evaluate the attention CNN on a ctprep store: k-fold CV, fold ensembles, VLM3D metrics.",
@@ -139,7 +141,7 @@ def resolve_config(config: Path | None, overrides: list[str], flags: dict[str, A
     changes = config_changes(load_config(saved), cfg)
     if config is not None:
         explicit = {f"{section}.{key}" for section, values in read_yaml(config).items()
-                    if isinstance(values, dict) for key in values} - RUNTIME_KEYS
+                    if isinstance(values, dict) and section != "storage" for key in values} - RUNTIME_KEYS
         have, want = flat_config(cfg), flat_config(load_config(config, overrides, flags))
         changes += [f"{key}: {have[key]!r} -> {want[key]!r}" for key in sorted(explicit) if have[key] != want[key]]
     if changes:
@@ -163,8 +165,10 @@ def _set_threads(device: str) -> None:
 
 
 def _prepare(config: Path | None, cache: str | None, folds: int | None, out: Path | None, seed: int | None,
-             resume: bool, set_: list[str] | None) -> tuple[Any, Path, int]:
-    """Resolve (config, run directory, number of folds) shared by `cv` and `fold`."""
+             resume: bool, set_: list[str] | None, storage_option: list[str] | None = None) -> tuple[Any, Path, int]:
+    """Resolve (config, run directory, number of folds) shared by `cv` and `fold`. The storage
+    settings (remote stores) are this process's, inherited by its folds and loader workers, and
+    kept out of the run's config (`ctprep.remote`)."""
     import dataclasses
 
     from ctprep.config import ConfigError
@@ -172,6 +176,7 @@ def _prepare(config: Path | None, cache: str | None, folds: int | None, out: Pat
 
     if folds is not None and folds < 2:
         raise ConfigError(f"--folds must be >= 2, got {folds}")
+    configure_storage(config, set_, storage_option)
     run_dir = out or Path("data") / "runs" / (config.stem if config else "default")
     flags = {"data.cache": cache, "training.seed": seed, "folds.seed": seed, "folds.k": folds}
     cfg = resolve_config(config, list(set_ or []), flags, run_dir, resume)
@@ -194,22 +199,23 @@ def cv_cmd(config: ConfigOpt = None, cache: CacheOpt = None, folds: FoldsOpt = N
            seed: SeedOpt = None, resume: ResumeOpt = False, set_: SetOpt = None,
            devices: Annotated[Optional[str], typer.Option("--devices", help="GPUs to spread folds over, "
                                                           "e.g. 0,1 (one fold per GPU at a time).")] = None,
-           ) -> None:
+           storage_option: StorageOpt = None) -> None:
     """Run k-fold cross-validation, pool out-of-fold predictions, tune thresholds, write summaries."""
     from cttrain.cv import run_cv
 
-    cfg, run_dir, k = _prepare(config, cache, folds, out, seed, resume, set_)
+    cfg, run_dir, k = _prepare(config, cache, folds, out, seed, resume, set_, storage_option)
     run_cv(cfg, run_dir, k=k, resume=resume, devices=_parse_devices(devices), console=_console())
 
 
 @_command("fold")
 def fold_cmd(fold: Annotated[int, typer.Argument(help="Validation fold index, 0..K-1.")],
              config: ConfigOpt = None, cache: CacheOpt = None, folds: FoldsOpt = None, out: OutOpt = None,
-             seed: SeedOpt = None, resume: ResumeOpt = False, set_: SetOpt = None) -> None:
+             seed: SeedOpt = None, resume: ResumeOpt = False, set_: SetOpt = None,
+             storage_option: StorageOpt = None) -> None:
     """Train one fold (the unit `cv` schedules; runs under torchrun for DDP)."""
     from cttrain.cv import run_fold
 
-    cfg, run_dir, k = _prepare(config, cache, folds, out, seed, resume, set_)
+    cfg, run_dir, k = _prepare(config, cache, folds, out, seed, resume, set_, storage_option)
     run_fold(cfg, run_dir, fold, k=k, resume=resume, console=_console(), write=_rank() == 0)
 
 
@@ -220,7 +226,7 @@ def baseline_cmd(config: ConfigOpt = None, cache: CacheOpt = None, folds: FoldsO
                                                              "into (optional).")] = None,
                  json_: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a "
                                                      "table.")] = False,
-                 set_: SetOpt = None) -> None:
+                 set_: SetOpt = None, storage_option: StorageOpt = None) -> None:
     """The sanity floor: a histogram/statistics model on the cached windows inside the body, same folds.
 
     Says when it is at chance (constant images, labels misaligned with rows); the CNN should beat it."""
@@ -233,6 +239,7 @@ def baseline_cmd(config: ConfigOpt = None, cache: CacheOpt = None, folds: FoldsO
 
     if folds is not None and folds < 2:
         raise ConfigError(f"--folds must be >= 2, got {folds}")
+    configure_storage(config, set_, storage_option)
     cfg = load_config(config, list(set_ or []), {"data.cache": cache})
     k = folds if folds is not None else store_fold_count(cfg.data.cache)
     if k < 2:
@@ -272,10 +279,12 @@ def predict_cmd(
                                                 "(default: evaluation.tta_flip).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Volumes per batch.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = "auto",
+    storage_option: StorageOpt = None,
 ) -> None:
     """Predict a store with the ensemble of the run's fold models (mean probability)."""
     from cttrain.predict import predict
 
+    configure_storage(None, None, storage_option)
     _set_threads(device)
     path = predict(run, cache, out, fmt=fmt.value, checkpoint=checkpoint.value if checkpoint else None,
                    tta_flip=tta, batch_size=batch_size, device=device, remapped=remap)

@@ -182,6 +182,9 @@ def load_config(config: str | Path | None = None, overrides: Iterable[str] = (),
     raw = read_yaml(config) if config is not None else {}
     raw = apply_overrides(raw, overrides)
     raw = apply_overrides(raw, [f"{k}={_yaml_scalar(v)}" for k, v in (flags or {}).items() if v is not None])
+    # `storage` says how to reach the store, not what the experiment is, and may hold credentials:
+    # ctprep.remote.load_storage reads it; the run's config (and so RUN_DIR/config.yaml) never holds it.
+    raw.pop("storage", None)
     try:
         cfg = build(ExperimentConfig, raw, "config")
     except ConfigError as exc:

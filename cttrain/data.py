@@ -79,10 +79,26 @@ class VolumeDataset(Dataset):
         return self.reader.labels[self.rows]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
+        row, idx, rng = self._plan(i)
+        return self._item(row, self.reader.read(row, idx), rng)
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor | int]]:
+        """A batch's items, as `[self[i] for i in indices]` (the DataLoader fetches a batch through
+        this), with the volumes read together by `StoreReader.read_many`: on a remote store their
+        network waits overlap instead of adding up."""
+        if self.reader.read_ahead <= 1:
+            return [self[i] for i in indices]
+        plans = [self._plan(i) for i in indices]
+        images = self.reader.read_many([(row, idx) for row, idx, _rng in plans])
+        return [self._item(row, image, rng) for (row, _idx, rng), image in zip(plans, images, strict=True)]
+
+    def _plan(self, i: int) -> tuple[int, np.ndarray, np.random.Generator]:
+        """(row, slice indices, the item's generator): a pure function of (seed, epoch, row)."""
         row = int(self.rows[i])
         rng = np.random.default_rng(_sample_seed(self.seed, self.epoch, row))
-        idx = slice_indices(self.reader.depth, self.slices, self.stride, self.train, rng)
-        image = self.reader.read(row, idx)
+        return row, slice_indices(self.reader.depth, self.slices, self.stride, self.train, rng), rng
+
+    def _item(self, row: int, image: np.ndarray, rng: np.random.Generator) -> dict[str, torch.Tensor | int]:
         if self.cpu_augment is not None:
             if self._augment is None:  # built in the worker: albumentations objects stay out of pickles
                 from cttrain.augment_cpu import build_cpu_augment

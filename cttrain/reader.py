@@ -8,17 +8,24 @@ decodes only the chunks that hold the requested slices, never the whole volume.
 A chunk that fails its crc32c checksum or cannot be decoded, or a written row whose shard file is
 gone, raises `StoreReadError`, one line naming the store, row and volume and how to repair it
 (`ctprep verify`, then build-cache), also when raised inside a DataLoader worker.
+
+A remote store (an fsspec URL, `ctprep.remote`) reads the same way; each volume read there waits
+for a network round trip or two (the shard's index, then its chunks), so `read_many` fetches the
+volumes of a batch on `read_ahead` threads at once (`storage.read_ahead`), overlapping those waits.
+Memory stays bounded: only the batch being assembled is in flight, as with a local store. A
+remote read that fails for a reason other than damage (access, network) says so, naming the URL.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ctprep import remote
 from ctprep.config import ConfigError
 from ctprep.folds import FoldError
 from ctprep.store import StoreError, has_checksums, open_store, read_error_reason
@@ -63,11 +70,15 @@ class StoreReader:
         self.chunk_slices: int = int(store.array("images").chunks[1])
         # Since cache version 2 every written row has its shard file (empty chunks are written too),
         # so a missing one is damage; zarr alone would return zeros for it.
-        self._shard_files = store.shard_file(0) is not None and has_checksums(store.array("images"))
+        self.remote: bool = store.remote
+        self._shard_files = has_checksums(store.array("images"))
+        self.read_ahead: int = remote.current().read_ahead if self.remote else 1
         self._all_channels = self.channel_index == list(range(len(self.window_names)))
         self._images: Any = None
         self._store: Any = None
         self._pid: int | None = None
+        self._pool: Any = None          # read_many's threads, per process (a fork copies no threads)
+        self._pool_pid: int | None = None
 
     # A zarr handle must not cross a process boundary: drop it when pickled, reopen on first read.
     def __getstate__(self) -> dict[str, Any]:
@@ -75,6 +86,8 @@ class StoreReader:
         state["_images"] = None
         state["_store"] = None
         state["_pid"] = None
+        state["_pool"] = None
+        state["_pool_pid"] = None
         return state
 
     def _array(self) -> Any:
@@ -92,7 +105,20 @@ class StoreReader:
         try:
             return np.asarray(arr[row, lo:hi])
         except Exception as exc:  # noqa: BLE001 - any decode failure here is a damaged chunk
+            if self.remote and isinstance(exc, OSError):  # access or network, not damage
+                raise StoreReadError(f"row {row} ({self.volume_names[row]}): "
+                                     f"{remote.describe(self.path, exc)}") from None
             raise self._damaged(row, f"cannot read slices {lo}..{hi - 1} ({read_error_reason(exc)})") from None
+
+    def _check_shard(self, row: int, block: np.ndarray | None = None) -> None:
+        """A written row must have its shard. Locally a stat per read; remotely a request only when
+        the block read as all zeros (what zarr returns for a missing shard)."""
+        if not (self._shard_files and self.written[row]):
+            return
+        if self.remote and (block is None or block.any()):
+            return
+        if not self._store.shard_exists(row):
+            raise self._damaged(row, "its images shard file is missing")
 
     def read(self, row: int, slice_idx: np.ndarray) -> np.ndarray:
         """uint8 (K, C, H, W): slices `slice_idx` (any order, repeats allowed) of volume `row`.
@@ -110,10 +136,8 @@ class StoreReader:
         if idx.min() < 0 or idx.max() >= self.depth:
             raise IndexError(f"{self.path}: slice index out of range [0, {self.depth}) for row {row}")
         arr, cs = self._array(), self.chunk_slices
-        if self._shard_files and self.written[row]:
-            shard = self._store.shard_file(row)
-            if shard is not None and not shard.is_file():
-                raise self._damaged(row, "its images shard file is missing")
+        if not self.remote:
+            self._check_shard(row)
         chunks = np.unique(idx // cs)
         breaks = np.flatnonzero(np.diff(chunks) > 1) + 1
         parts, offsets = [], np.zeros(self.depth, dtype=np.int64)
@@ -125,10 +149,26 @@ class StoreReader:
             offsets[lo:hi] = done + np.arange(hi - lo)
             done += hi - lo
         block = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if self.remote:
+            self._check_shard(row, block)
         out = block[offsets[idx]]
         if not self._all_channels:
             out = out[:, self.channel_index]
         return np.ascontiguousarray(out)
+
+    def read_many(self, requests: Iterable[tuple[int, np.ndarray]]) -> list[np.ndarray]:
+        """`read(row, idx)` for each (row, idx), in order; on `read_ahead` threads at once when the
+        store is remote (at most that many volumes in flight), one after another when local."""
+        requests = list(requests)
+        if self.read_ahead <= 1 or len(requests) <= 1:
+            return [self.read(row, idx) for row, idx in requests]
+        if self._pool is None or self._pool_pid != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._array()  # open the handle once here, not racing in the threads
+            self._pool = ThreadPoolExecutor(max_workers=self.read_ahead, thread_name_prefix="cttrain-read")
+            self._pool_pid = os.getpid()
+        return list(self._pool.map(lambda r: self.read(*r), requests))
 
     def read_volume(self, row: int) -> np.ndarray:
         """uint8 (D, C, H, W): every slice of volume `row` (previews, tests)."""
