@@ -22,6 +22,7 @@ credentials), a missing bucket, an unreachable endpoint, a missing filesystem pa
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,22 @@ from typing import Any
 
 ENV = "CTPREP_STORAGE_OPTIONS"
 Target = str | Path   # a local path or an fsspec URL
+
+
+def _inherited_sessions_are_not_leaks(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Unclosed client session")
+
+
+def _after_fork_in_child() -> None:
+    """A forked process (a DataLoader worker) inherits the parent's cached s3fs clients, whose HTTP
+    sessions belong to the parent's event loop and sockets: they cannot be closed here, and fsspec
+    drops them in the child, so aiohttp would log "Unclosed client session" for each, every epoch.
+    That message is not a leak in a forked child, so the child does not print it."""
+    logging.getLogger("asyncio").addFilter(_inherited_sessions_are_not_leaks)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @dataclass

@@ -9,15 +9,19 @@ A chunk that fails its crc32c checksum or cannot be decoded, or a written row wh
 gone, raises `StoreReadError`, one line naming the store, row and volume and how to repair it
 (`ctprep verify`, then build-cache), also when raised inside a DataLoader worker.
 
-A remote store (an fsspec URL, `ctprep.remote`) reads the same way; each volume read there waits
-for a network round trip or two (the shard's index, then its chunks), so `read_many` fetches the
-volumes of a batch on `read_ahead` threads at once (`storage.read_ahead`), overlapping those waits.
-Memory stays bounded: only the batch being assembled is in flight, as with a local store. A
-remote read that fails for a reason other than damage (access, network) says so, naming the URL.
+A remote store (an fsspec URL, `ctprep.remote`) reads each volume's shard in one request and
+decodes the requested chunks from that copy: zarr 3.1 reads a partial shard chunk by chunk, one
+round trip each (17 for a 32-slice training window of 4-slice chunks), which on a network costs
+far more than the shard's extra bytes. Each read still waits for its round trip, so `read_many`
+fetches the volumes of a batch on `read_ahead` threads at once (`storage.read_ahead`), overlapping
+those waits. Memory stays bounded: at most `read_ahead` compressed shards per loader process, and
+only the batch being assembled, as with a local store. A remote read that fails for a reason other
+than damage (access, network) says so, naming the URL.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -78,6 +82,7 @@ class StoreReader:
         self._store: Any = None
         self._pid: int | None = None
         self._pool: Any = None          # read_many's threads, per process (a fork copies no threads)
+        self._shard_meta: bytes | None = None   # zarr.json of a one-row `images`, for shard copies
         self._pool_pid: int | None = None
 
     # A zarr handle must not cross a process boundary: drop it when pickled, reopen on first read.
@@ -101,24 +106,51 @@ class StoreReader:
         return StoreReadError(f"{self.path}: row {row} ({self.volume_names[row]}): {what}; the store is damaged: "
                               f"run `ctprep verify {self.path}`, then the same build-cache command to rebuild it")
 
-    def _read_block(self, arr: Any, row: int, lo: int, hi: int) -> np.ndarray:
+    def _read_block(self, arr: Any, row: int, lo: int, hi: int, at: int | None = None) -> np.ndarray:
+        """Slices lo..hi-1 of volume `row`, read from row `at` of `arr` (default: `row`)."""
         try:
-            return np.asarray(arr[row, lo:hi])
+            return np.asarray(arr[row if at is None else at, lo:hi])
         except Exception as exc:  # noqa: BLE001 - any decode failure here is a damaged chunk
             if self.remote and isinstance(exc, OSError):  # access or network, not damage
                 raise StoreReadError(f"row {row} ({self.volume_names[row]}): "
                                      f"{remote.describe(self.path, exc)}") from None
             raise self._damaged(row, f"cannot read slices {lo}..{hi - 1} ({read_error_reason(exc)})") from None
 
-    def _check_shard(self, row: int, block: np.ndarray | None = None) -> None:
-        """A written row must have its shard. Locally a stat per read; remotely a request only when
-        the block read as all zeros (what zarr returns for a missing shard)."""
-        if not (self._shard_files and self.written[row]):
-            return
-        if self.remote and (block is None or block.any()):
-            return
-        if not self._store.shard_exists(row):
+    def _check_shard(self, row: int) -> None:
+        """A written row must have its shard file (zarr alone would return zeros for it)."""
+        if self._shard_files and self.written[row] and not self._store.shard_exists(row):
             raise self._damaged(row, "its images shard file is missing")
+
+    def _source(self, row: int) -> tuple[Any, int]:
+        """(array, row in it) that holds volume `row`: locally the store's `images`; remotely a
+        one-row array over an in-memory copy of the row's shard, fetched in one request."""
+        arr = self._array()
+        if not self.remote:
+            self._check_shard(row)
+            return arr, row
+        try:
+            raw = self._store.shard_bytes(row)
+        except StoreError as exc:
+            raise StoreReadError(f"row {row} ({self.volume_names[row]}): {exc}") from None
+        if raw is None:
+            if self._shard_files and self.written[row]:
+                raise self._damaged(row, "its images shard file is missing")
+            return arr, row                       # an unwritten row: zarr's fill value, as locally
+        return self._shard_copy(arr, raw), 0
+
+    def _shard_copy(self, arr: Any, raw: bytes) -> Any:
+        import zarr
+        from zarr.core.buffer import cpu, default_buffer_prototype
+        from zarr.storage import MemoryStore
+
+        if self._shard_meta is None:
+            meta = json.loads(arr.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
+            meta["shape"] = [1, *meta["shape"][1:]]
+            self._shard_meta = json.dumps(meta).encode()
+        key = arr.metadata.encode_chunk_key((0,) * arr.ndim)
+        store = MemoryStore({"zarr.json": cpu.Buffer.from_bytes(self._shard_meta), key: cpu.Buffer.from_bytes(raw)},
+                            read_only=True)
+        return zarr.open_array(store, mode="r")
 
     def read(self, row: int, slice_idx: np.ndarray) -> np.ndarray:
         """uint8 (K, C, H, W): slices `slice_idx` (any order, repeats allowed) of volume `row`.
@@ -135,9 +167,8 @@ class StoreReader:
             raise IndexError(f"{self.path}: row {row} out of range [0, {self.n})")
         if idx.min() < 0 or idx.max() >= self.depth:
             raise IndexError(f"{self.path}: slice index out of range [0, {self.depth}) for row {row}")
-        arr, cs = self._array(), self.chunk_slices
-        if not self.remote:
-            self._check_shard(row)
+        cs = self.chunk_slices
+        arr, at = self._source(row)
         chunks = np.unique(idx // cs)
         breaks = np.flatnonzero(np.diff(chunks) > 1) + 1
         parts, offsets = [], np.zeros(self.depth, dtype=np.int64)
@@ -145,12 +176,10 @@ class StoreReader:
         for run in np.split(chunks, breaks):
             lo, hi = int(run[0]) * cs, min((int(run[-1]) + 1) * cs, self.depth)
             lo, hi = max(lo, int(idx[idx >= lo].min())), int(idx[idx < hi].max()) + 1
-            parts.append(self._read_block(arr, row, lo, hi))
+            parts.append(self._read_block(arr, row, lo, hi, at))
             offsets[lo:hi] = done + np.arange(hi - lo)
             done += hi - lo
         block = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        if self.remote:
-            self._check_shard(row, block)
         out = block[offsets[idx]]
         if not self._all_channels:
             out = out[:, self.channel_index]
