@@ -115,11 +115,11 @@ def build_cache(
                            create_only=create_only)
     except (*_user_errors(), ValueError) as exc:
         _fail(exc)
+    if not create_only or report.failures or report.warnings:
+        print_report(report, console)  # create-only: the labels CSV's problems, which every shard will meet
     if create_only:
         console.print(f"[green]store ready[/green]: {out} ({report.rows} rows, {report.already_done} written); "
                       "now start the --shard I/N jobs", highlight=False)
-        return
-    print_report(report, console)
     if not report.ok:
         raise typer.Exit(code=1)
 

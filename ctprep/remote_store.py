@@ -61,10 +61,13 @@ def state(url: str) -> str:
             return "store"
         if fs.exists(remote.join(root, CLAIM)):
             return "creating"
-        bucket = root.split("/", 1)[0]
-        if not fs.exists(bucket):
-            raise FileNotFoundError("The specified bucket does not exist")
-        return "other" if fs.exists(root) else "absent"
+        try:
+            # A listing, not a bucket probe: a key with access to one prefix may not probe buckets.
+            return "other" if fs.ls(root, detail=False) else "absent"
+        except FileNotFoundError as exc:
+            if any(w in str(exc).lower() for w in ("bucket does not exist", "nosuchbucket")):
+                raise
+            return "absent"
     except Exception as exc:  # noqa: BLE001 - one line naming the URL
         raise remote.store_error(url, exc) from None
 

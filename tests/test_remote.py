@@ -38,7 +38,7 @@ def _shard_cli(data: Path, labels: Path, out: str, shard: str, *extra: str) -> s
     cmd = [sys.executable, "-m", "ctprep", "build-cache", "--data-dir", str(data), "--labels", str(labels),
            "--out", out, "--shard", shard, *SETS, *extra]
     return subprocess.Popen(cmd, cwd=REPO, env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            encoding="utf-8")
 
 
 def _objects(url: str, s3) -> dict[str, bytes]:
@@ -185,7 +185,7 @@ def test_bad_credentials_from_the_environment_in_a_real_process(s3):
     url = s3.url("env/s.zarr")
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG", "AWS_SECRET_ACCESS_KEY": "nope"}
     proc = subprocess.run([sys.executable, "-m", "ctprep", "info", url], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
+                          encoding="utf-8", timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and url in lines[0] and "access denied" in lines[0], proc.stderr
