@@ -66,10 +66,13 @@ def synth(
     scale: Annotated[str, typer.Option(help="small (demo/tests) or ctrate (512x512, 200-300 slices, for benchmarks).")] = "small",
     v1_fraction: Annotated[float, typer.Option(help="Fraction of volumes stored as CT-RATE v1 raw values.")] = 0.3,
     labels: Annotated[Optional[str], typer.Option(help="Comma-separated label names to render (default: all 18); the others stay 0.")] = None,
+    anatomy: Annotated[Optional[list[Path]], typer.Option("--anatomy", help="Real chest CT (DICOM series directory or NIfTI/MHA/NRRD file) to paint the findings onto instead of synthetic anatomy; repeat for several backgrounds (patients take them in turn).")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", help="Worker processes (default: up to 4; the output is the same for any number).")] = None,
 ) -> None:
-    """Synthesize chest CT with learnable findings in the exact CT-RATE layout."""
+    """Synthesize chest CT with learnable findings in the exact CT-RATE layout (synthetic or real anatomy)."""
     from ctprep.naming import LABEL_NAMES
-    from ctprep.synth import synthesize
+    from ctprep.synth import SynthError, synthesize
+    from ctprep.synth_real import AnatomyError
 
     chosen = [name.strip() for name in labels.split(",") if name.strip()] if labels else None
     unknown = [name for name in chosen or () if name not in LABEL_NAMES]
@@ -80,8 +83,13 @@ def synth(
         _fail(ValueError("--patients must be >= 1"))
     if scale not in ("small", "ctrate"):
         _fail(ValueError(f"--scale must be small or ctrate, got '{scale}'"))
-    summary = synthesize(out_dir, patients, seed, scale=scale, v1_fraction=v1_fraction, progress=True,
-                         labels=chosen)
+    if workers is not None and workers < 1:
+        _fail(ValueError("--workers must be >= 1"))
+    try:
+        summary = synthesize(out_dir, patients, seed, scale=scale, v1_fraction=v1_fraction, progress=True,
+                             labels=chosen, anatomy=anatomy or None, workers=workers)
+    except (SynthError, AnatomyError) as exc:
+        _fail(exc)
     console.print(f"[green]wrote[/green] {summary.get('volumes', '?')} volumes of "
                   f"{summary.get('patients', patients)} patients to {out_dir}")
 

@@ -30,7 +30,7 @@ import math
 import multiprocessing
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,12 +230,18 @@ def _fmt(v: float) -> str:
     return format(v, ".10g")
 
 
+def metadata_row(name: str, manufacturer: str, sex: str, age: int, pixels: int, slices: int, pixel_mm: float,
+                 slice_mm: float, origin: Sequence[float]) -> list[str]:
+    """One METADATA_COLUMNS row, formatted as CT-RATE's CSV (RescaleIntercept -1024, slope 1)."""
+    s = _fmt(pixel_mm)
+    position = ", ".join(_fmt(v) for v in origin)
+    return [name, manufacturer, sex, f"{age:03d}Y", str(pixels), str(pixels), str(slices), f"[{s}, {s}]",
+            _fmt(slice_mm), "-1024", "1", f"[{position}]", "[1, 0, 0, 0, 1, 0]"]
+
+
 def _metadata_row(scan: ScanSpec, recon: ReconSpec) -> list[str]:
-    s = _fmt(scan.pixel_mm)
-    origin = ", ".join(_fmt(v) for v in recon_grid(scan, recon)[2])
-    return [recon.name, "SYNTH", scan.sex, f"{scan.age:03d}Y", str(scan.pixels), str(scan.pixels),
-            str(recon.slices), f"[{s}, {s}]", _fmt(recon.slice_mm), "-1024", "1", f"[{origin}]",
-            "[1, 0, 0, 0, 1, 0]"]
+    return metadata_row(recon.name, "SYNTH", scan.sex, scan.age, scan.pixels, recon.slices, scan.pixel_mm,
+                        recon.slice_mm, recon_grid(scan, recon)[2])
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: list[list[str]]) -> None:
@@ -258,12 +264,14 @@ def _write_task(task: tuple[Path, ScanSpec, ReconSpec]) -> str:
 
 def synthesize(out_dir: Path, patients: int = 40, seed: int = 0, *, scale: str = "small",
                v1_fraction: float = 0.3, progress: bool = True, workers: int | None = None,
-               labels: Sequence[str] | None = None) -> dict:
+               labels: Sequence[str] | None = None, anatomy: Sequence[str | Path] | None = None) -> dict:
     """Write a CT-RATE-layout dataset; return a summary dict (volumes, patients, per-label positives,
     v1/v2 counts and names, paths of the labels and metadata CSVs, seconds).
 
     `workers` processes write volumes (default: up to 4, one per core; the output is identical for
-    any number); `labels` restricts rendering to those label names (the others stay 0)."""
+    any number); `labels` restricts rendering to those label names (the others stay 0);
+    `anatomy` (paths of real chest CT scans) paints the findings onto those scans instead of the
+    synthetic anatomy (`ctprep.synth_real_scan`)."""
     if patients < 1:
         raise SynthError(f"patients must be >= 1, got {patients}")
     if not 0.0 <= v1_fraction <= 1.0:
@@ -271,6 +279,11 @@ def synthesize(out_dir: Path, patients: int = 40, seed: int = 0, *, scale: str =
     unknown = sorted(set(labels or ()) - set(LABEL_NAMES))
     if unknown:
         raise SynthError(f"unknown label(s) {unknown}; choose from LABEL_NAMES")
+    if anatomy:
+        from ctprep.synth_real_scan import synthesize_real
+
+        return synthesize_real(Path(out_dir), [str(a) for a in anatomy], patients, seed, scale=scale,
+                               v1_fraction=v1_fraction, progress=progress, workers=workers, labels=labels)
     start, out_dir = time.perf_counter(), Path(out_dir)
     tasks = []
     for p in range(1, patients + 1):
@@ -279,35 +292,48 @@ def synthesize(out_dir: Path, patients: int = 40, seed: int = 0, *, scale: str =
                 tasks.append((_volume_path(out_dir, scan, recon), scan, recon))
     if workers is None:
         workers = 1 if len(tasks) < 8 else min(4, os.cpu_count() or 1)
-    _run_tasks(tasks, workers, progress)
-    label_rows = [[recon.name, *map(str, scan.labels)] for _, scan, recon in tasks]
+    run_tasks(_write_task, tasks, workers, progress)
+    rows = [(recon.name, scan.labels, _metadata_row(scan, recon), recon.raw) for _, scan, recon in tasks]
+    summary = write_tables(out_dir, rows, patients, len({scan.scan_id for _, scan, _ in tasks}))
+    return summary | {"seconds": round(time.perf_counter() - start, 2)}
+
+
+def write_tables(out_dir: Path, rows: Sequence[tuple[str, Sequence[int], list[str], bool]], patients: int,
+                 scans: int) -> dict:
+    """The labels and metadata CSVs from (VolumeName, labels, metadata row, stored raw) per volume,
+    and the summary `synthesize` returns (without its timing)."""
     labels_csv = out_dir / "multi_abnormality_labels" / f"{SPLIT}_predicted_labels.csv"
     metadata_csv = out_dir / "metadata" / f"{SPLIT}_metadata.csv"
-    _write_csv(labels_csv, ["VolumeName", *LABEL_NAMES], label_rows)
-    _write_csv(metadata_csv, METADATA_COLUMNS, [_metadata_row(s, r) for _, s, r in tasks])
-    v1 = [recon.name for _, _, recon in tasks if recon.raw]
+    _write_csv(labels_csv, ["VolumeName", *LABEL_NAMES], [[name, *map(str, labels)] for name, labels, _, _ in rows])
+    _write_csv(metadata_csv, METADATA_COLUMNS, [meta for _, _, meta, _ in rows])
+    v1 = [name for name, _, _, raw in rows if raw]
     return {
-        "out_dir": str(out_dir), "volumes": len(tasks), "patients": patients,
-        "scans": len({scan.scan_id for _, scan, _ in tasks}),
-        "positives": {name: sum(s.labels[i] for _, s, _ in tasks) for i, name in enumerate(LABEL_NAMES)},
-        "v1_volumes": len(v1), "v2_volumes": len(tasks) - len(v1), "v1_names": v1,
+        "out_dir": str(out_dir), "volumes": len(rows), "patients": patients, "scans": scans,
+        "positives": {name: sum(int(r[1][i]) for r in rows) for i, name in enumerate(LABEL_NAMES)},
+        "v1_volumes": len(v1), "v2_volumes": len(rows) - len(v1), "v1_names": v1,
         "labels_csv": str(labels_csv), "metadata_csv": str(metadata_csv),
-        "seconds": round(time.perf_counter() - start, 2),
     }
 
 
-def _run_tasks(tasks: list, workers: int, progress: bool) -> None:
+def run_tasks(fn: Callable[[Any], Any], tasks: list, workers: int, progress: bool,
+              describe: Callable[[Any], str] = str) -> list:
+    """`fn` over `tasks` (in order) in `workers` forked processes, with a progress bar; the results."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.description}"))
+    results = []
     with Progress(*columns, disable=not progress) as bar:
         job = bar.add_task("", total=len(tasks))
         if workers <= 1:
-            for name in map(_write_task, tasks):
-                bar.update(job, advance=1, description=name)
-            return
-        # fork: workers inherit the imported modules and never re-run the CLI's __main__
+            for result in map(fn, tasks):
+                results.append(result)
+                bar.update(job, advance=1, description=describe(result))
+            return results
+        # fork: workers inherit the imported modules (and any cached background) and never re-run
+        # the CLI's __main__
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            for name in pool.map(_write_task, tasks, chunksize=2):
-                bar.update(job, advance=1, description=name)
+            for result in pool.map(fn, tasks, chunksize=1):
+                results.append(result)
+                bar.update(job, advance=1, description=describe(result))
+    return results
