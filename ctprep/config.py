@@ -64,6 +64,7 @@ class PreprocessConfig:
     air_hu: float = -1024.0          # values below this (DICOM padding -2048, -3024) become air
     crop_body: bool = True           # crop to the body bounding box before crop/pad
     body_threshold_hu: float = -500.0
+    mask_outside_body: bool = False  # every window 0 outside the patient (per-slice body mask)
     orientation: str = "LPS"         # every volume is reoriented to this before resampling
     chunk_slices: int = 4            # slices per zarr chunk (one shard holds a whole volume)
     # Measured on a real thorax at the default shape (BENCHMARKS.md): CLAHE-enhanced slices

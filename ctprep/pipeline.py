@@ -99,6 +99,9 @@ def preprocess_image(image: sitk.Image, cfg: PreprocessConfig, meta: VolumeMeta 
     clock.lap("windows")
     windows.apply_clahe(images, cfg.clahe_clip_limit, cfg.clahe_tiles)
     clock.lap("clahe")
+    if cfg.mask_outside_body:  # after CLAHE: the pixels inside the body are exactly the unmasked ones
+        windows.mask_outside_body(images, windows.body_mask(hu, cfg.body_threshold_hu))
+        clock.lap("mask")
 
     if not body.found:
         flags.append("body-not-found")

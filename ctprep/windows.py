@@ -76,3 +76,40 @@ def apply_clahe(images: np.ndarray, clip_limit: float, tiles: int) -> np.ndarray
     for index in np.ndindex(images.shape[:-2]):
         images[index] = clahe.apply(images[index])
     return images
+
+
+def body_mask(hu: np.ndarray, threshold_hu: float) -> np.ndarray:
+    """(D, H, W) bool: inside the patient, per slice.
+
+    Voxels above `threshold_hu` (soft tissue and bone, not air or lung), opened with a 3x3 kernel
+    (cuts the table top and thin cables off the body), keeping components of at least 10 % of the
+    slice's largest, with holes (lungs, airways, bowel gas) filled and one pixel of margin."""
+    import cv2
+
+    out = np.zeros(hu.shape, dtype=bool)
+    kernel = np.ones((3, 3), np.uint8)
+    for z in range(hu.shape[0]):
+        tissue = cv2.morphologyEx((hu[z] > threshold_hu).astype(np.uint8), cv2.MORPH_OPEN, kernel)
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(tissue, connectivity=8)
+        if n <= 1:
+            continue
+        areas = stats[1:, cv2.CC_STAT_AREA]
+        keep = np.flatnonzero(areas >= 0.1 * areas.max()) + 1
+        body = np.isin(labels, keep).astype(np.uint8)
+        # fill holes: flood the background from the border; what stays unreached is inside
+        flood = np.pad(body, 1)
+        mask = np.zeros((flood.shape[0] + 2, flood.shape[1] + 2), np.uint8)
+        cv2.floodFill(flood, mask, (0, 0), 1)
+        filled = body | (1 - flood[1:-1, 1:-1])
+        out[z] = cv2.dilate(filled, kernel).astype(bool)
+    return out
+
+
+def mask_outside_body(images: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """Set every channel to 0 outside the body, in place (uint8 (D, C, H, W), body (D, H, W)).
+
+    Why: outside air is not 0 in every window (the lung window puts -1000 HU at about 60 of 255),
+    so without the mask air around the patient is indistinguishable by intensity from emphysema
+    holes in the lung, and its amount (body size, field of view, table) varies between scans."""
+    images *= body[:, None].astype(np.uint8)
+    return images
