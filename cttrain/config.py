@@ -41,13 +41,19 @@ class ModelConfig:
     pretrained: bool = False     # ImageNet weights from torchvision (needs them in the torch cache)
     attention: str = "cbam"      # none | se | cbam, inserted after backbone stages
     attention_reduction: int = 16
-    global_pool: str = "avg"     # in-slice pooling of backbone maps: avg | max | avgmax
-    pooling: str = "attention"   # attention (gated attention-MIL) | mean | max
+    global_pool: str = "avg"     # in-slice pooling of backbone maps: avg | max | avgmax | catavgmax
+    multiscale: bool = False     # concatenate the pooled features of several stages (multiscale_stages)
+    multiscale_stages: list[int] = field(default_factory=lambda: [2, 3, 4])  # 1-based; the last is always in
+    histogram_bins: int = 0      # > 0: per-slice intensity histograms (bins per window) beside the CNN features
+    floor_prior: bool = False    # add the floor's logits (fitted per fold) to the output; the CNN learns the rest
+    pooling: str = "attention"   # slice pooling: attention (gated attention-MIL) | mean | max | meanmax
     attention_hidden: int = 128  # hidden size of the attention-pooling MLP
+    head_norm: str = "batch"     # norm before the head's linear layer: batch | layer | none
     dropout: float = 0.3         # head dropout at the end of the dropout schedule
     dropout_start: float = 0.0   # head dropout at epoch 0 (linear ramp over dropout_warmup_epochs)
     dropout_warmup_epochs: int = 0
     tiny_width: int = 32         # channels of the first stage of the built-in `tiny` CNN
+    norm: str = "batch"          # norm layers of the built-in tiny/tiny3d CNNs: batch | group
     channels_last: bool = True   # memory format on CUDA
     compile: bool = False        # torch.compile on CUDA
 
@@ -134,8 +140,10 @@ class ExperimentConfig:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "augment.backend": ("torch", "albumentations"),
     "model.attention": ("none", "se", "cbam"),
-    "model.pooling": ("attention", "mean", "max"),
-    "model.global_pool": ("avg", "max", "avgmax"),
+    "model.pooling": ("attention", "mean", "max", "meanmax"),
+    "model.global_pool": ("avg", "max", "avgmax", "catavgmax"),
+    "model.head_norm": ("batch", "layer", "none"),
+    "model.norm": ("batch", "group"),
     "loss.name": ("focal", "asl", "bce"),
     "training.amp": ("auto", "bf16", "fp16", "off"),
     "training.ddp_backend": ("auto", "nccl", "gloo"),
@@ -169,6 +177,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     for key in ("dropout", "dropout_start"):
         if not 0.0 <= getattr(cfg.model, key) < 1.0:
             raise ConfigError(f"model.{key} must be in [0, 1), got {getattr(cfg.model, key)}")
+    if cfg.model.histogram_bins < 0 or cfg.model.histogram_bins == 1:
+        raise ConfigError(f"model.histogram_bins must be 0 (off) or >= 2, got {cfg.model.histogram_bins}")
     if cfg.model.attention_reduction < 1:
         raise ConfigError("model.attention_reduction must be >= 1")
     if cfg.training.lr <= 0:

@@ -15,8 +15,10 @@ from cttrain.models.backbones import (
     build_backbone,
     input_stats,
 )
+from cttrain.models.backbones3d import SqueezeExcite3d
 from cttrain.models.classifier import ClassifierHead, VolumeClassifier, logit_prior
-from cttrain.models.pooling import POOLING, GatedAttentionPool, build_pooling
+from cttrain.models.histogram import SliceHistogram
+from cttrain.models.pooling import POOLING, GatedAttentionPool, build_pooling, pooled_width
 
 
 def build_model(cfg: ModelConfig, in_channels: int, num_labels: int,
@@ -30,14 +32,28 @@ def build_model(cfg: ModelConfig, in_channels: int, num_labels: int,
         raise ValueError(f"in_channels and num_labels must be >= 1, got {in_channels}, {num_labels}")
     if cfg.attention not in ATTENTION:
         raise ValueError(f"unknown attention '{cfg.attention}'; choose one of {', '.join(ATTENTION)}")
-    backbone = build_backbone(cfg.backbone, in_channels, cfg.pretrained, cfg.tiny_width)
+    backbone = build_backbone(cfg.backbone, in_channels, cfg.pretrained, cfg.tiny_width, cfg.norm)
     backbone.set_global_pool(cfg.global_pool)
+    if cfg.multiscale:
+        backbone.set_taps(cfg.multiscale_stages)
     if cfg.attention != "none":
-        backbone.set_attention(lambda ch: build_attention(cfg.attention, ch, cfg.attention_reduction))
-    pool = build_pooling(cfg.pooling, backbone.num_features, cfg.attention_hidden)
-    head = ClassifierHead(backbone.num_features, num_labels, dropout_at(cfg, 0), logit_prior(pos_freq))
+        backbone.set_attention(_attention_factory(cfg, is_3d=getattr(backbone, "is_3d", False)))
+    histogram = SliceHistogram(in_channels, cfg.histogram_bins) if cfg.histogram_bins > 0 else None
+    width = backbone.num_features + (histogram.num_features if histogram is not None else 0)
+    pool = build_pooling(cfg.pooling, width, cfg.attention_hidden)
+    head = ClassifierHead(pooled_width(pool, width), num_labels, dropout_at(cfg, 0), logit_prior(pos_freq),
+                          norm=cfg.head_norm)
     mean, std = input_stats(in_channels, cfg.pretrained)
-    return VolumeClassifier(backbone, pool, head, mean, std)
+    return VolumeClassifier(backbone, pool, head, mean, std, histogram)
+
+
+def _attention_factory(cfg: ModelConfig, is_3d: bool):
+    if not is_3d:
+        return lambda ch: build_attention(cfg.attention, ch, cfg.attention_reduction)
+    if cfg.attention != "se":
+        raise ValueError(f"model.attention={cfg.attention} works with 2D backbones only; use se or none with "
+                         f"the 3D backbone {cfg.backbone}")
+    return lambda ch: SqueezeExcite3d(ch, 1.0 / cfg.attention_reduction)
 
 
 def dropout_at(cfg: ModelConfig, epoch: int) -> float:

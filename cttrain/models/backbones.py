@@ -8,11 +8,14 @@ image gives exactly the RGB response (see `adapt_input_conv`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from cttrain.models.backbones3d import BACKBONE3D_NAMES, Staged3DBackbone, build_backbone3d
+from cttrain.models.staged import StagedBackbone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -68,90 +71,36 @@ def input_stats(in_channels: int, pretrained: bool) -> tuple[list[float], list[f
     return [mean] * in_channels, [std] * in_channels
 
 
-GLOBAL_POOLS: tuple[str, ...] = ("avg", "max", "avgmax")
+def norm_layer(kind: str, channels: int, dims: int = 2) -> nn.Module:
+    """BatchNorm (`batch`) or GroupNorm with groups of 4 channels (`group`, Wu & He, "Group
+    Normalization", ECCV 2018, https://arxiv.org/abs/1803.08494). A CPU batch holds the slices of
+    only 4 volumes, so batch statistics are few and correlated and differ between training and
+    evaluation; GroupNorm normalises each image alone and behaves the same in both."""
+    if kind == "batch":
+        return (nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d)(channels)
+    if kind == "group":
+        return nn.GroupNorm(max(1, channels // 4), channels)
+    raise ValueError(f"unknown norm '{kind}'; choose batch or group")
 
 
-class StagedBackbone(nn.Module):
-    """stem -> stages (each followed by an attention slot) -> pre_pool -> global average -> post_pool.
-
-    Maps images (N, C, H, W) to features (N, num_features). `attn` starts as identities; `set_attention`
-    fills the slots once the stage widths are known.
-    """
-
-    def __init__(self, stem: nn.Module, stages: Sequence[nn.Module], pre_pool: nn.Module | None = None,
-                 post_pool: nn.Module | None = None, in_channels: int = 3, pretrained: bool = False) -> None:
-        super().__init__()
-        self.stem = stem
-        self.stages = nn.ModuleList(stages)
-        self.attn = nn.ModuleList(nn.Identity() for _ in stages)
-        self.pre_pool = pre_pool if pre_pool is not None else nn.Identity()
-        self.post_pool = post_pool if post_pool is not None else nn.Identity()
-        self.in_channels = in_channels
-        self.pretrained = pretrained
-        self.global_pool = "avg"
-        self.stage_channels, self.num_features = self._probe_widths(in_channels)
-
-    @torch.no_grad()
-    def _probe_widths(self, in_channels: int) -> tuple[list[int], int]:
-        # one tiny forward in eval mode (BN statistics untouched) is simpler and safer than reading
-        # widths off each architecture's internals (DenseNet blocks concatenate, for one)
-        was_training = self.training
-        self.eval()
-        x = self.stem(torch.zeros(1, in_channels, 64, 64))
-        widths = []
-        for stage in self.stages:
-            x = stage(x)
-            widths.append(x.shape[1])
-        features = self._pool(x).shape[1]
-        self.train(was_training)
-        return widths, features
-
-    def set_attention(self, factory: Callable[[int], nn.Module]) -> None:
-        """Put `factory(stage_channels)` after every stage."""
-        self.attn = nn.ModuleList(factory(ch) for ch in self.stage_channels)
-
-    def set_global_pool(self, kind: str) -> None:
-        """avg (the usual), max, or avgmax = (avg + max) / 2 (as timm's `avgmax`): a small bright
-        finding (a nodule, a calcification, metal) moves the max far more than the average."""
-        if kind not in GLOBAL_POOLS:
-            raise ValueError(f"unknown global_pool '{kind}'; choose one of {', '.join(GLOBAL_POOLS)}")
-        self.global_pool = kind
-
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pre_pool(x)
-        if self.global_pool == "avg":
-            pooled = x.mean(dim=(2, 3), keepdim=True)
-        elif self.global_pool == "max":
-            pooled = x.amax(dim=(2, 3), keepdim=True)
-        else:
-            pooled = 0.5 * (x.mean(dim=(2, 3), keepdim=True) + x.amax(dim=(2, 3), keepdim=True))
-        return self.post_pool(pooled).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for stage, attn in zip(self.stages, self.attn, strict=True):
-            x = attn(stage(x))
-        return self._pool(x)
-
-
-def _conv_bn_relu(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+def _conv_bn_relu(c_in: int, c_out: int, stride: int, norm: str = "batch") -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
+        norm_layer(norm, c_out),
         nn.ReLU(inplace=True),
     )
 
 
-def build_tiny(in_channels: int, width: int = 32) -> StagedBackbone:
+def build_tiny(in_channels: int, width: int = 32, norm: str = "batch") -> StagedBackbone:
     """A small CNN for CPU tests and the demo: a stride-2 stem, then four stages of
-    (3x3 stride-2 conv, 3x3 conv), each with BN and ReLU, widths width * (1, 2, 4, 8)."""
+    (3x3 stride-2 conv, 3x3 conv), each with a norm (`norm_layer`) and ReLU, widths width * (1, 2, 4, 8)."""
     if width < 1:
         raise ValueError(f"tiny_width must be >= 1, got {width}")
-    stem = _conv_bn_relu(in_channels, width // 2 or 1, stride=2)
+    stem = _conv_bn_relu(in_channels, width // 2 or 1, 2, norm)
     widths = [width, 2 * width, 4 * width, 8 * width]
     stages, c_in = [], width // 2 or 1
     for c_out in widths:
-        stages.append(nn.Sequential(_conv_bn_relu(c_in, c_out, 2), _conv_bn_relu(c_out, c_out, 1)))
+        stages.append(nn.Sequential(_conv_bn_relu(c_in, c_out, 2, norm), _conv_bn_relu(c_out, c_out, 1, norm)))
         c_in = c_out
     return StagedBackbone(stem, stages, in_channels=in_channels)
 
@@ -206,7 +155,7 @@ TORCHVISION: dict[str, TorchvisionSpec] = {
     "convnext_tiny": TorchvisionSpec("ConvNeXt_Tiny_Weights", "features.0.0", _split_convnext),
     "densenet121": TorchvisionSpec("DenseNet121_Weights", "features.conv0", _split_densenet),
 }
-BACKBONE_NAMES: tuple[str, ...] = ("tiny", *TORCHVISION)
+BACKBONE_NAMES: tuple[str, ...] = ("tiny", *TORCHVISION, *BACKBONE3D_NAMES)
 
 
 def _load_torchvision(name: str, pretrained: bool) -> nn.Module:
@@ -234,14 +183,18 @@ def _replace_stem(net: nn.Module, path: str, in_channels: int, pretrained: bool)
 
 
 def build_backbone(name: str, in_channels: int, pretrained: bool = False,
-                   tiny_width: int = 32) -> StagedBackbone:
-    """Backbone `name` (see BACKBONE_NAMES) taking `in_channels`-channel images; attention slots empty."""
+                   tiny_width: int = 32, norm: str = "batch") -> StagedBackbone | Staged3DBackbone:
+    """Backbone `name` (see BACKBONE_NAMES) taking `in_channels`-channel images (2D, per slice) or
+    stacks (3D: tiny3d and the video ResNets); attention slots empty. `norm` applies to the built-in
+    tiny and tiny3d CNNs (torchvision's keep their own layers)."""
     if name not in BACKBONE_NAMES:
         raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONE_NAMES)}")
+    if name in BACKBONE3D_NAMES:
+        return build_backbone3d(name, in_channels, pretrained, tiny_width, norm)
     if name == "tiny":
         if pretrained:
             raise ValueError("backbone 'tiny' has no pretrained weights; set model.pretrained=false")
-        return build_tiny(in_channels, tiny_width)
+        return build_tiny(in_channels, tiny_width, norm)
     spec = TORCHVISION[name]
     net = _load_torchvision(name, pretrained)
     if in_channels != 3:

@@ -36,13 +36,24 @@ def prior_bias(prior: float | Sequence[float]) -> torch.Tensor:
     return torch.log(p / (1 - p))
 
 
+HEAD_NORMS: dict[str, type[nn.Module]] = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm, "none": nn.Identity}
+
+
 class ClassifierHead(nn.Module):
-    """BatchNorm1d -> Dropout (rate set by the dropout schedule) -> Linear with prior-initialised bias."""
+    """Norm -> Dropout (rate set by the dropout schedule) -> Linear with prior-initialised bias.
+
+    The norm is BatchNorm1d (`batch`), LayerNorm (`layer`) or none. A head sees one vector per
+    volume, so its BatchNorm normalises over a handful of volumes (4 per CPU batch): statistics
+    that noisy make training and evaluation disagree (measured: validation loss 10-20x the
+    training loss once features of different scales are concatenated); LayerNorm normalises
+    each volume's vector on its own and has no train/eval difference."""
 
     def __init__(self, in_features: int, num_labels: int, dropout: float = 0.0,
-                 prior: float | Sequence[float] = 0.1) -> None:
+                 prior: float | Sequence[float] = 0.1, norm: str = "batch") -> None:
         super().__init__()
-        self.norm = nn.BatchNorm1d(in_features)
+        if norm not in HEAD_NORMS:
+            raise ValueError(f"unknown head norm '{norm}'; choose one of {', '.join(HEAD_NORMS)}")
+        self.norm = HEAD_NORMS[norm](in_features) if norm != "none" else nn.Identity()
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(in_features, num_labels)
         with torch.no_grad():
@@ -59,10 +70,11 @@ class VolumeClassifier(nn.Module):
     """
 
     def __init__(self, backbone: StagedBackbone, pool: nn.Module, head: ClassifierHead,
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+                 mean: Sequence[float], std: Sequence[float], histogram: nn.Module | None = None) -> None:
         super().__init__()
         self.input_norm = InputNorm(mean, std)
         self.backbone = backbone
+        self.histogram = histogram  # per-slice intensity histograms beside the CNN features (or None)
         self.pool = pool
         self.head = head
         # set by use_channels_last(): inputs are then converted to match the weights' memory format
@@ -70,19 +82,33 @@ class VolumeClassifier(nn.Module):
 
     @property
     def num_features(self) -> int:
-        return self.backbone.num_features
+        return self.backbone.num_features + (self.histogram.num_features if self.histogram is not None else 0)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, K, C, H, W) -> per-slice features (B, K, F)."""
+        """(B, K, C, H, W) -> per-slice features (B, K, F); a 3D backbone gives (B, K', F), K' the
+        depth after its strides."""
         if x.ndim != 5:
             raise ValueError(f"expected input (B, K, C, H, W), got shape {tuple(x.shape)}")
         b, k, c, h, w = x.shape
         if c != self.backbone.in_channels:
             raise ValueError(f"model expects {self.backbone.in_channels} channels, input has {c}")
-        x = self.input_norm(x.reshape(b * k, c, h, w))
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.backbone(x).reshape(b, k, -1)
+        flat = x.reshape(b * k, c, h, w)
+        x = self.input_norm(flat)
+        if getattr(self.backbone, "is_3d", False):  # the whole stack at once: (B, C, K, H, W)
+            x = x.reshape(b, k, c, h, w).transpose(1, 2)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            feats = self.backbone(x)
+        else:
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            feats = self.backbone(x).reshape(b, k, -1)
+        if self.histogram is None:
+            return feats
+        hist = self.histogram(flat).reshape(b, k, -1)
+        if hist.shape[1] != feats.shape[1]:  # a 3D backbone's depth stride: average the slices it merged
+            hist = nn.functional.adaptive_avg_pool1d(hist.transpose(1, 2), feats.shape[1]).transpose(1, 2)
+        return torch.cat([feats, hist.to(feats.dtype)], dim=2)
 
     def forward_head(self, feats: torch.Tensor, return_attention: bool = False
                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +129,8 @@ class VolumeClassifier(nn.Module):
     def use_channels_last(self, enabled: bool = True) -> VolumeClassifier:
         """Move weights (and, in forward, inputs) to channels_last, the fast layout for CUDA convolutions."""
         self.channels_last = enabled
-        return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        layout = torch.channels_last_3d if getattr(self.backbone, "is_3d", False) else torch.channels_last
+        return self.to(memory_format=layout if enabled else torch.contiguous_format)
 
 
 def logit_prior(pos_freq: Sequence[float] | None, default: float = 0.1,

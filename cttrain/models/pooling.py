@@ -57,15 +57,36 @@ class MaxPool(nn.Module):
         return pooled, (counts / feats.shape[2]).to(feats.dtype)
 
 
+class MeanMaxPool(nn.Module):
+    """[mean, max] over slices, concatenated (twice the width): how much of a finding the volume holds
+    and how strongly its most affected slice shows it. Weights: the mean of the two poolings'."""
+
+    out_mult = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mean, self.max = MeanPool(), MaxPool()
+
+    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (avg, w_avg), (mx, w_max) = self.mean(feats), self.max(feats)
+        return torch.cat([avg, mx], dim=1), 0.5 * (w_avg + w_max)
+
+
 POOLING: dict[str, Callable[[int, int], nn.Module]] = {
     "attention": lambda in_features, hidden: GatedAttentionPool(in_features, hidden),
     "mean": lambda in_features, hidden: MeanPool(),
     "max": lambda in_features, hidden: MaxPool(),
+    "meanmax": lambda in_features, hidden: MeanMaxPool(),
 }
 
 
+def pooled_width(pool: nn.Module, in_features: int) -> int:
+    """Width of a slice pooling's output for `in_features`-dim slice features."""
+    return in_features * int(getattr(pool, "out_mult", 1))
+
+
 def build_pooling(name: str, in_features: int, hidden: int = 128) -> nn.Module:
-    """Slice pooling `name` (attention | mean | max) over `in_features`-dim slice features."""
+    """Slice pooling `name` (attention | mean | max | meanmax) over `in_features`-dim slice features."""
     if name not in POOLING:
         raise ValueError(f"unknown pooling '{name}'; choose one of {', '.join(POOLING)}")
     return POOLING[name](in_features, hidden)
