@@ -190,4 +190,7 @@ def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "c
     model.label_names = list(ckpt["label_names"])
     model.in_channels = int(ckpt["in_channels"])
     model.channels = list(ckpt.get("channels", cfg.data.channels))
+    model.floor_prior = ckpt.get("floor_prior")  # model.floor_prior: the fold's fitted floor (cttrain/prior.py)
+    if cfg.model.floor_prior and model.floor_prior is None:
+        raise CheckpointError(f"{path}: trained with model.floor_prior but holds no floor_prior parameters")
     return model.to(device).eval(), dict(ckpt["config"])

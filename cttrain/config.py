@@ -107,6 +107,7 @@ class TrainingConfig:
     amp: str = "auto"            # auto (bf16 on CUDA if supported, else fp16) | bf16 | fp16 | off
     grad_clip: float = 1.0       # max grad norm, 0 disables
     accumulate: int = 1          # gradient accumulation steps
+    precise_bn: bool = False     # before each validation, BatchNorm statistics averaged over all training rows
     ema: float = 0.0             # EMA decay of weights, 0 disables (e.g. 0.999)
     early_stopping: int = 0      # patience in epochs on val macro AUROC, 0 disables
     seed: int = 42

@@ -120,6 +120,14 @@ class FoldRun:
                                     seed=cfg.training.seed)
         self.label_names = list(self.reader.label_names)
         self.in_channels = int(self.reader.image_shape[1])
+        self.offsets, self.prior = None, None
+        if cfg.model.floor_prior:
+            from ctprep.store import open_store
+            from cttrain.prior import fold_offsets
+
+            # the floor's model on this fold's training rows (cross-fitted there), see cttrain/prior.py
+            self.offsets, self.prior = fold_offsets(cfg.data.cache, open_store(cfg.data.cache).windows,
+                                                    self.train_rows, self.val_rows, seed=cfg.training.seed)
 
     def loader(self, train: bool, epoch: int) -> Any:
         from cttrain.data import make_loader
@@ -135,6 +143,20 @@ class FoldRun:
                            rank=self.ctx.rank, world_size=self.ctx.world_size,
                            weighted_sampling=train and d.weighted_sampling)
 
+    def bn_loader(self) -> Any:
+        """The training rows with evaluation slices and no augmentation, every row on every rank
+        (training.precise_bn): identical statistics on all ranks without a collective."""
+        from cttrain.data import VolumeDataset, make_loader
+
+        d = self.cfg.data
+        dataset = VolumeDataset(self.reader, self.train_rows, d.slices, d.slice_stride, train=False,
+                                seed=self.cfg.training.seed)
+        # the last incomplete batch dropped: BatchNorm in train mode cannot take a batch of one volume
+        return make_loader(dataset, d.batch_size, train=False, seed=self.cfg.training.seed, epoch=0,
+                           num_workers=d.num_workers, prefetch=d.prefetch,
+                           pin_memory=d.pin_memory and self.ctx.device.type == "cuda",
+                           drop_last=len(self.train_rows) >= d.batch_size)
+
     def say(self, text: str) -> None:
         if self.console is not None and self.ctx.is_main:
             self.console.print(text, highlight=False)
@@ -142,8 +164,11 @@ class FoldRun:
     def meta(self, epoch: int) -> dict[str, Any]:
         from ctprep.config import to_dict
 
-        return {"config": to_dict(self.cfg), "label_names": self.label_names, "in_channels": self.in_channels,
+        meta = {"config": to_dict(self.cfg), "label_names": self.label_names, "in_channels": self.in_channels,
                 "channels": list(self.reader.channel_names), "fold": self.fold, "k": self.k, "epoch": epoch}
+        if self.prior is not None:
+            meta["floor_prior"] = self.prior.state()
+        return meta
 
 
 def train_fold(cfg: ExperimentConfig, fold: int, run_dir: Path, *, k: int, resume: bool = False,
@@ -169,6 +194,8 @@ def train_fold(cfg: ExperimentConfig, fold: int, run_dir: Path, *, k: int, resum
     pos_freq = run.reader.labels[run.train_rows].astype(np.float64).mean(axis=0)
     trainer = Trainer(cfg, in_channels=run.in_channels, num_labels=len(run.label_names), pos_freq=pos_freq,
                       steps_per_epoch=steps, ctx=ctx)
+    if run.offsets is not None:
+        trainer.set_offsets(run.offsets)
     state = FoldState()
     if resume and paths.last.is_file():
         state = _restore(run, trainer, to_dict(cfg))
@@ -234,6 +261,8 @@ def _validate(run: FoldRun, trainer: Trainer, state: FoldState, epoch: int) -> d
 
     from cttrain.metrics import challenge_metrics
 
+    if run.cfg.training.precise_bn:
+        trainer.recalibrate_bn(run.bn_loader())
     rows, logits = _gather_val(run, trainer)
     if len(rows) != len(run.val_rows):
         raise TrainingError(f"validation returned {len(rows)} of {len(run.val_rows)} fold-{run.fold} volumes")

@@ -130,7 +130,7 @@ def ensemble_probs(run_dir: Path, cache: str | Path, *, checkpoint: str, tta_fli
     dev = resolve_device(device)
     use_device(dev)  # the pin thread and the bf16 check follow the current device
     amp_dtype = resolve_amp(cfg.training.amp, dev)[0]
-    total, labels, loader = 0.0, None, None
+    total, labels, loader, features = 0.0, None, None, None
     for path in paths:
         model, _ = load_model_from_checkpoint(path, dev)
         if loader is None:  # the fold models share the run config, so one loader serves them all
@@ -138,7 +138,16 @@ def ensemble_probs(run_dir: Path, cache: str | Path, *, checkpoint: str, tta_fli
             reader, rows, loader = _loader(run_dir, cfg, cache, list(model.channels), batch_size, dev)
         elif list(model.label_names) != labels:
             raise PredictError(f"{path}: label names differ from the other folds' models")
-        got_rows, probs = predict_probs(model, loader, dev, amp_dtype=amp_dtype, tta_flip=tta_flip)
+        offsets = None
+        if model.floor_prior is not None:  # model.floor_prior: each fold's floor logits + its network's
+            from ctprep.store import open_store
+            from cttrain.prior import FloorPrior, StoreFeatures
+
+            if features is None:
+                features = StoreFeatures(cache, open_store(cache).windows, rows)
+            offsets = features.offsets(FloorPrior.from_state(model.floor_prior))
+        got_rows, probs = predict_probs(model, loader, dev, amp_dtype=amp_dtype, tta_flip=tta_flip,
+                                        offsets=offsets)
         total = total + np.asarray(probs, dtype=np.float64)[np.argsort(got_rows)]  # back to row order
         del model
         if dev.type == "cuda":

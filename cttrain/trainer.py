@@ -147,6 +147,16 @@ class Trainer:
             self.ddp = self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if cfg.model.compile and self.device.type == "cuda":
             compile_backbone(self.model)
+        # model.floor_prior: per store row, a fixed logit added to the network's (cttrain/prior.py)
+        self.offsets: torch.Tensor | None = None
+        if cfg.model.floor_prior:
+            with torch.no_grad():  # start exactly at the floor: the network's output begins at 0
+                self.model.head.fc.weight.zero_()
+                self.model.head.fc.bias.zero_()
+
+    def set_offsets(self, offsets: np.ndarray) -> None:
+        """The floor prior's logits of every store row (N, L), added to the network's output."""
+        self.offsets = torch.as_tensor(np.asarray(offsets, dtype=np.float32), device=self.device)
 
     def _augmenters(self, acfg: Any) -> tuple[Callable | None, bool]:
         device_aug = None
@@ -179,6 +189,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------- train
     def _augment(self, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device augmentation and MixUp/CutMix. With floor-prior offsets, `y` carries them as
+        extra columns (B, 2L) so a mixed volume gets the same mix of its partners' priors."""
         if self.device_augment is None and not self.mix:
             return x, y
         # augment.py draws every random parameter from a CPU generator and uploads them in one copy
@@ -208,8 +220,10 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, *, group: int, sync: bool) -> torch.Tensor:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, *, group: int, sync: bool,
+                   offset: torch.Tensor | None = None) -> torch.Tensor:
         """Forward and backward of one augmented batch on the device; returns its (detached) loss.
+        `offset` (B, L): fixed logits added to the network's (the floor prior).
 
         The batch is one of `group` accumulated into one optimizer step. `sync` marks the group's
         last batch: only then does DDP all-reduce the gradients (no_sync before) and the optimizer,
@@ -218,7 +232,8 @@ class Trainer:
         with no_sync:
             with self._autocast():
                 logits = self.net(x)
-            loss = self.loss_fn(logits.float(), y)
+            logits = logits.float() if offset is None else logits.float() + offset
+            loss = self.loss_fn(logits, y)
             self.scaler.scale(loss / group).backward()
         if sync:
             self._optimizer_step()
@@ -239,14 +254,20 @@ class Trainer:
             t = time.perf_counter()
             batch = next(it)
             wait += time.perf_counter() - t
-            x, y, _rows = to_device(batch, self.device, self.channels_last)
-            x, y = self._augment(x, y.float(), epoch, i)
+            x, y, rows = to_device(batch, self.device, self.channels_last)
+            offset = None
+            if self.offsets is None:
+                x, y = self._augment(x, y.float(), epoch, i)
+            else:
+                num_labels = y.shape[1]
+                x, y = self._augment(x, torch.cat([y.float(), self.offsets[rows]], dim=1), epoch, i)
+                y, offset = y[:, :num_labels], y[:, num_labels:]
             group_start = i - i % accum
             group = min(accum, n - group_start)  # the last group of an epoch may be shorter
             sync = i == group_start + group - 1
             if sync:
                 lr = self.lr()  # the rate this optimizer step uses
-            loss_sum += self.train_step(x, y, group=group, sync=sync)
+            loss_sum += self.train_step(x, y, group=group, sync=sync, offset=offset)
             samples += int(x.shape[0])
             if on_step is not None and ((i + 1) % log_every == 0 or i + 1 == n):
                 elapsed = max(time.perf_counter() - start, 1e-9)
@@ -271,10 +292,44 @@ class Trainer:
             raise TrainingError(f"training loss became {total / self.ctx.world_size} in epoch {epoch + 1}; "
                                 "lower training.lr, set training.grad_clip, or use training.amp=bf16/off")
 
+    @torch.no_grad()
+    def recalibrate_bn(self, loader: Iterable) -> int:
+        """Precise BatchNorm statistics (`training.precise_bn`): replace the eval weights' running
+        means/variances by their average over every batch of `loader` (the training rows, eval-style
+        slices, no augmentation); returns the number of BatchNorm layers.
+
+        Why: the running statistics are an exponential average of the last ~10 training batches of 4
+        volumes, so they differ from fold to fold by more than the signal; the fold models then
+        disagree in offset and pooled out-of-fold AUROC falls far below the fold-mean (measured,
+        BENCHMARKS §7). Averaging over the whole training set (Wu & Johnson, "Rethinking 'Batch' in
+        BatchNorm", arXiv:2105.07576, "PreciseBN") removes that noise; it uses no validation data."""
+        from cttrain.data import to_device
+
+        model = self.eval_model
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return 0
+        momenta = [m.momentum for m in norms]
+        was_training = model.training
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches below
+        model.train()
+        try:
+            for batch in loader:
+                x, _y, _rows = to_device(batch, self.device, self.channels_last)
+                with self._autocast():
+                    model(x)
+        finally:
+            for m, momentum in zip(norms, momenta, strict=True):
+                m.momentum = momentum
+            model.train(was_training)
+        return len(norms)
+
     def evaluate(self, loader: Iterable) -> tuple[np.ndarray, np.ndarray]:
         """(store rows, float32 logits) of this rank's share of `loader` with the eval weights."""
         return predict_outputs(self.eval_model, loader, self.device, self.amp_dtype,
-                               channels_last=self.channels_last, probs=False)
+                               channels_last=self.channels_last, probs=False, offsets=self.offsets)
 
     # -------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -301,24 +356,29 @@ class Trainer:
 @torch.no_grad()
 def predict_outputs(model: nn.Module, loader: Iterable, device: torch.device,
                     amp_dtype: torch.dtype | None = None, *, channels_last: bool = False, probs: bool = True,
-                    tta_flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(rows int64 (N,), float32 (N, L) probabilities or logits) for every batch of `loader`."""
+                    tta_flip: bool = False, offsets: torch.Tensor | np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(rows int64 (N,), float32 (N, L) probabilities or logits) for every batch of `loader`;
+    `offsets` (store rows, L): fixed logits added to the model's (the floor prior)."""
     from cttrain.data import to_device
 
     was_training = model.training
     model.eval()
     rows_out, values = [], []
+    if offsets is not None:
+        offsets = torch.as_tensor(offsets, dtype=torch.float32, device=device)
     cast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
             else contextlib.nullcontext())
     try:
         for batch in loader:
             x, _y, rows = to_device(batch, device, channels_last)
+            shift = 0.0 if offsets is None else offsets[rows]
             with cast:
-                out = model(x).float()
+                out = model(x).float() + shift
                 if probs:
                     out = torch.sigmoid(out)
                     if tta_flip:  # left-right flip of every slice
-                        out = (out + torch.sigmoid(model(x.flip(-1)).float())) / 2
+                        out = (out + torch.sigmoid(model(x.flip(-1)).float() + shift)) / 2
             rows = rows.cpu() if torch.is_tensor(rows) else rows
             rows_out.append(np.asarray(rows, dtype=np.int64).reshape(-1))
             values.append(out.float().cpu().numpy())
@@ -330,7 +390,8 @@ def predict_outputs(model: nn.Module, loader: Iterable, device: torch.device,
 
 
 def predict_probs(model: nn.Module, loader: Iterable, device: str | torch.device,
-                  amp_dtype: torch.dtype | None = None, tta_flip: bool = False
-                  ) -> tuple[np.ndarray, np.ndarray]:
+                  amp_dtype: torch.dtype | None = None, tta_flip: bool = False,
+                  offsets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(store rows, sigmoid probabilities (N, L)) of `model` over `loader` (for `cttrain predict`)."""
-    return predict_outputs(model, loader, torch.device(device), amp_dtype, probs=True, tta_flip=tta_flip)
+    return predict_outputs(model, loader, torch.device(device), amp_dtype, probs=True, tta_flip=tta_flip,
+                           offsets=offsets)

@@ -190,9 +190,9 @@ def test_predict_cli_passes_tta(run, tmp_path, monkeypatch):
     seen = []
     real = cttrain.engine.predict_probs
 
-    def spy(model, loader, device, amp_dtype=None, tta_flip=False):
+    def spy(model, loader, device, amp_dtype=None, tta_flip=False, offsets=None):
         seen.append(tta_flip)
-        return real(model, loader, device, amp_dtype=amp_dtype, tta_flip=tta_flip)
+        return real(model, loader, device, amp_dtype=amp_dtype, tta_flip=tta_flip, offsets=offsets)
 
     monkeypatch.setattr(cttrain.engine, "predict_probs", spy)
     store = new_store(tmp_path / "new.zarr", n=3)
