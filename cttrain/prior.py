@@ -12,10 +12,10 @@ training rows and the network's output is
 with the head's last layer zero-initialised: training starts exactly at the floor and the CNN only
 has to learn what the histograms miss (shape, place, small dense things). This is stacking, so the
 training rows' floor logits are cross-fitted (each from a model that did not see that volume, on
-patient-disjoint inner folds); otherwise the prior is optimistic on the very rows the residual
-learns from, and the residual learns to trust it too much. Validation rows (and `cttrain predict`)
-use the model fitted on all training rows; its parameters travel in the checkpoint, so a
-prediction store needs nothing but its images.
+patient-disjoint inner folds); otherwise the prior would be optimistic on the very rows the
+residual learns from (the standard stacking argument; not measured separately here).
+Validation rows (and `cttrain predict`) use the model fitted on all training rows; its parameters
+travel in the checkpoint, so a prediction store needs nothing but its images.
 
 The floor's features read every cached slice (up to baseline.MAX_SLICES) inside the body, not the
 training sample of slices, so the prior is the same whichever slices an epoch draws.
