@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -210,6 +211,17 @@ def make_loader(dataset: VolumeDataset, batch_size: int, *, train: bool, seed: i
                       **extra)
 
 
+def eval_loader(reader: StoreReader, rows: np.ndarray, data_cfg: Any, *, seed: int, cuda: bool,
+                batch_size: int | None = None, drop_last: bool = False) -> DataLoader:
+    """Every row of `rows` in one process, evaluation slices, no augmentation (prediction, and the
+    training rows for training.precise_bn). Memory is pinned only for a CUDA device."""
+    d = data_cfg
+    dataset = VolumeDataset(reader, rows, d.slices, d.slice_stride, train=False, seed=seed)
+    return make_loader(dataset, batch_size or d.batch_size, train=False, seed=seed, epoch=0,
+                       num_workers=d.num_workers, prefetch=d.prefetch, pin_memory=d.pin_memory and cuda,
+                       drop_last=drop_last)
+
+
 def to_device(batch: dict, device: torch.device, channels_last: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x, y, rows) on `device`: x float (B, K, C, H, W) in [0, 1], y float (B, L), rows int64 (B,).
@@ -232,4 +244,5 @@ def to_device(batch: dict, device: torch.device, channels_last: bool = False
     return x, y, torch.as_tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
 
 
-__all__ = ["VolumeDataset", "make_loader", "sampling_weights", "slice_indices", "to_device", "worker_context"]
+__all__ = ["VolumeDataset", "eval_loader", "make_loader", "sampling_weights", "slice_indices", "to_device",
+           "worker_context"]

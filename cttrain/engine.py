@@ -144,18 +144,14 @@ class FoldRun:
                            weighted_sampling=train and d.weighted_sampling)
 
     def bn_loader(self) -> Any:
-        """The training rows with evaluation slices and no augmentation, every row on every rank
-        (training.precise_bn): identical statistics on all ranks without a collective."""
-        from cttrain.data import VolumeDataset, make_loader
+        """The training rows, evaluation slices, no augmentation, every row on every rank
+        (training.precise_bn: identical statistics on all ranks without a collective). The last
+        incomplete batch is dropped: BatchNorm in train mode cannot take a batch of one volume."""
+        from cttrain.data import eval_loader
 
-        d = self.cfg.data
-        dataset = VolumeDataset(self.reader, self.train_rows, d.slices, d.slice_stride, train=False,
-                                seed=self.cfg.training.seed)
-        # the last incomplete batch dropped: BatchNorm in train mode cannot take a batch of one volume
-        return make_loader(dataset, d.batch_size, train=False, seed=self.cfg.training.seed, epoch=0,
-                           num_workers=d.num_workers, prefetch=d.prefetch,
-                           pin_memory=d.pin_memory and self.ctx.device.type == "cuda",
-                           drop_last=len(self.train_rows) >= d.batch_size)
+        return eval_loader(self.reader, self.train_rows, self.cfg.data, seed=self.cfg.training.seed,
+                           cuda=self.ctx.device.type == "cuda",
+                           drop_last=len(self.train_rows) >= self.cfg.data.batch_size)
 
     def say(self, text: str) -> None:
         if self.console is not None and self.ctx.is_main:

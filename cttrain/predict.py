@@ -96,7 +96,7 @@ def _loader(run_dir: Path, cfg: Any, cache: str | Path, channels: list[str], bat
 
     Memory is pinned only for a CUDA device: on a GPU host, `--device cpu` would otherwise pin every
     batch (and start a pin thread on the GPU) for nothing."""
-    from cttrain.data import VolumeDataset, make_loader
+    from cttrain.data import eval_loader
     from cttrain.reader import StoreReader
 
     check_store(run_dir, cfg, cache, channels)
@@ -104,11 +104,8 @@ def _loader(run_dir: Path, cfg: Any, cache: str | Path, channels: list[str], bat
     rows = np.flatnonzero(reader.written)
     if rows.size == 0:
         raise PredictError(f"{cache}: no written rows to predict (finish `ctprep build-cache` first)")
-    d = cfg.data
-    dataset = VolumeDataset(reader, rows, d.slices, d.slice_stride, train=False, seed=cfg.training.seed)
-    loader = make_loader(dataset, batch_size or d.batch_size, train=False, seed=cfg.training.seed, epoch=0,
-                         num_workers=d.num_workers, prefetch=d.prefetch,
-                         pin_memory=d.pin_memory and device.type == "cuda")
+    loader = eval_loader(reader, rows, cfg.data, seed=cfg.training.seed, cuda=device.type == "cuda",
+                         batch_size=batch_size)
     return reader, rows, loader
 
 

@@ -52,7 +52,7 @@ def test_demo_recipe_beats_the_floor_on_large_findings(tmp_path):
     _ok(runner.invoke(ctprep_app, ["make-folds", str(store), "--folds", "3", "--config", str(CONFIG)]))
     _ok(runner.invoke(cttrain_app, ["cv", "--config", str(CONFIG), "--cache", str(store), "--folds", "3",
                                     "--out", str(run)]))
-    summary = json.loads((run / "results" / "cv_summary.json").read_text())
+    summary = json.loads((run / "results" / "cv_summary.json").read_text(encoding="utf-8"))
     floor = summary["floor"]["per_label"]
     cnn = _pooled_aurocs(run)
     gains = {name: cnn[name] - floor[name] for name in LARGE}
@@ -65,7 +65,7 @@ def test_demo_recipe_beats_the_floor_on_large_findings(tmp_path):
     # fold, 0.52 and 0.62 as the mean of the three folds in two runs, 1 and 2 threads)
     ratios = []
     for fold in range(3):
-        with (run / "logs" / f"fold_{fold}" / "metrics.csv").open(newline="") as fh:
+        with (run / "logs" / f"fold_{fold}" / "metrics.csv").open(newline="", encoding="utf-8") as fh:
             losses = [float(row["train_loss"]) for row in csv.DictReader(fh)]
         ratios.append(min(losses[-max(1, len(losses) // 3):]) / losses[0])
     assert float(np.mean(ratios)) < 0.8, ratios
@@ -75,7 +75,7 @@ def _pooled_aurocs(run: Path) -> dict[str, float]:
     from sklearn.metrics import roc_auc_score
 
     def table(name: str) -> dict[str, dict[str, str]]:
-        with (run / "results" / name).open(newline="") as fh:
+        with (run / "results" / name).open(newline="", encoding="utf-8") as fh:
             return {row["VolumeName"]: row for row in csv.DictReader(fh)}
 
     probs, labels = table("oof_predictions.csv"), table("oof_labels.csv")

@@ -88,7 +88,7 @@ def test_a_fold_starts_at_the_floor_and_predict_rebuilds_it(store, tmp_path):
                                                           strict=True)}
     floor = run_floor(store, k=4)
     floor_p = {name: floor.probs[i] for i, name in enumerate(floor.volume_names) if floor.folds[i] == 0}
-    with (run_dir / "results" / "fold_0_predictions.csv").open(newline="") as fh:
+    with (run_dir / "results" / "fold_0_predictions.csv").open(newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(val)
     picked = [METAL, EMPHYSEMA]
