@@ -17,7 +17,7 @@ DEMO_CFG   := configs/demo.yaml
 # does not, each beside the floor); DEMO_LABELS="A,B" renders a subset.
 DEMO_LABELS ?=
 
-.PHONY: install demo test test-all bench lint clean-demo
+.PHONY: install demo test test-all bench bench-quick lint clean-demo
 
 install: $(STAMP)
 
@@ -51,7 +51,11 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
+# The full benchmarks (the numbers BENCHMARKS.md reports); bench-quick is a start-up-bound smoke run.
 bench: install
+	$(BIN)/python bench/run_all.py
+
+bench-quick: install
 	$(BIN)/python bench/run_all.py --quick
 
 lint: install

@@ -1,5 +1,14 @@
 """Augmentation benchmark: `cttrain.augment.DeviceAugment` (torch, whole batch) against its
-albumentations counterpart `cttrain.augment_cpu` (per volume, as in a DataLoader worker).
+albumentations counterpart `cttrain.augment_cpu` (per volume, as in a DataLoader worker) and
+against Kornia (`kornia.augmentation` in a `VideoSequential` with `same_on_frame=True`: one draw
+of parameters per volume, shared by its K slices, as DeviceAugment does), when Kornia is
+installed (the `bench` extra).
+
+The Kornia pipeline is the same list of transforms with the same ranges and probabilities:
+RandomAffine (degrees, translate, scale; border padding), RandomHorizontalFlip, RandomElasticTransform,
+RandomGaussianBlur, RandomBrightness/RandomContrast/RandomGamma, RandomGaussianNoise. What differs:
+Kornia's elastic field is a per-pixel Gaussian-smoothed noise (ours a coarse grid upsampled), and
+its intensity transforms draw separately (ours one step); the probabilities are the same.
 
 Shapes and augmentation settings come from the configs: "demo" (configs/demo.yaml, batch 8) and
 "default" (configs/default.yaml, batch 4): (B, K, C, H, W) with K = data.slices, C = windows and
@@ -76,11 +85,44 @@ def measure(acfg: Any, shape: tuple[int, ...], device: str, min_seconds: float) 
     out = {"albumentations_cpu": _rate(cpu_call, b, min_seconds, "cpu")}
     out[f"device_{device}"] = _rate(lambda: dev_aug(x, torch.Generator().manual_seed(next(seeds))), b,
                                     min_seconds, device)
+    kornia = kornia_pipeline(acfg, shape[3], shape[4])
+    if kornia is not None:
+        out[f"kornia_{device}"] = _rate(lambda: kornia(x), b, min_seconds, device)
     if device == "cuda":  # the CPU figure of the device path too, for the table
         xc = x.cpu()
         out["device_cpu"] = _rate(lambda: dev_aug(xc, torch.Generator().manual_seed(next(seeds))), b,
                                   min_seconds, "cpu")
     return {k: round(v, 3) for k, v in out.items()}
+
+
+def kornia_pipeline(acfg: Any, h: int, w: int) -> Any:
+    """The config's augmentation as a Kornia VideoSequential over (B, K, C, H, W); None without Kornia."""
+    try:
+        import kornia.augmentation as K
+    except ImportError:
+        return None
+    a = acfg
+    steps = []
+    if a.p_affine > 0:
+        steps.append(K.RandomAffine(degrees=a.rotate_deg, translate=(a.translate, a.translate),
+                                    scale=tuple(a.scale), padding_mode="border", p=a.p_affine))
+    if a.hflip > 0:
+        steps.append(K.RandomHorizontalFlip(p=a.hflip))
+    if a.p_elastic > 0:
+        steps.append(K.RandomElasticTransform(alpha=(a.elastic_alpha, a.elastic_alpha), p=a.p_elastic,
+                                              padding_mode="border"))
+    if a.p_blur > 0:
+        radius = max(1, int(np.ceil(3.0 * max(a.blur_sigma))))
+        steps.append(K.RandomGaussianBlur((2 * radius + 1, 2 * radius + 1), tuple(a.blur_sigma), p=a.p_blur))
+    if a.p_intensity > 0:
+        steps += [K.RandomBrightness((1 - a.brightness, 1 + a.brightness), p=a.p_intensity),
+                  K.RandomContrast((1 - a.contrast, 1 + a.contrast), p=a.p_intensity),
+                  K.RandomGamma(tuple(a.gamma), p=a.p_intensity)]
+    if a.p_noise > 0:
+        steps.append(K.RandomGaussianNoise(std=a.noise_std, p=a.p_noise))
+    if not steps:
+        return lambda x: x
+    return K.VideoSequential(*steps, data_format="BTCHW", same_on_frame=True)
 
 
 def _variants(acfg: Any) -> dict[str, Any]:
@@ -110,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"device": device, "threads": args.threads, "sets": results, "quick": args.quick,
               "machine": common.machine_info()}
     common.emit("augment", result, args, _rows(result), ("set / transform", "albumentations (CPU)",
-                f"DeviceAugment ({device})", "device / CPU"),
+                f"DeviceAugment ({device})", f"Kornia ({device})", "ours / Kornia"),
                 f"augmentation, volumes/s, {args.threads} thread(s), device {device}")
     return result
 
@@ -120,8 +162,10 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
     for name, s in r["sets"].items():
         for label, v in s["volumes_per_s"].items():
             cpu, dev = v["albumentations_cpu"], v[f"device_{r['device']}"]
+            kor = v.get(f"kornia_{r['device']}")
             shape = "x".join(map(str, s["shape"]))
-            rows.append((f"{name} {shape}: {label}", f"{cpu:.2f}", f"{dev:.2f}", f"{dev / cpu:.2f}x"))
+            rows.append((f"{name} {shape}: {label}", f"{cpu:.2f}", f"{dev:.2f}",
+                         "-" if kor is None else f"{kor:.2f}", "-" if kor is None else f"{dev / kor:.2f}x"))
     return rows
 
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import common
 import numpy as np
+import peer_monai
+import read_probes
 
 CONFIGS = common.REPO / "configs"
 # The config meant for the device: demo.yaml is the CPU config (small inputs; augmentation then runs on
@@ -47,11 +49,12 @@ def parse_args(argv: list[str] | None = None) -> Any:
     p.add_argument("--batch-size", type=int, default=None,
                    help="volumes per batch (default: the config's data.batch_size)")
     p.add_argument("--volumes", type=int, default=None, help="volumes (default 8, quick 4)")
-    p.add_argument("--epochs", type=int, default=None, help="cached passes (default 20, quick 10)")
+    p.add_argument("--epochs", type=int, default=None, help="cached and MONAI passes (default 40, quick 10)")
+    p.add_argument("--no-monai", action="store_true", help="leave out the MONAI columns (bench/peer_monai.py)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.volumes = args.volumes or (4 if args.quick else 8)
-    args.epochs = args.epochs or (10 if args.quick else 20)
+    args.epochs = args.epochs or (10 if args.quick else 40)
     args.threads = args.threads or max(1, args.workers)
     return args
 
@@ -238,40 +241,8 @@ def profile_stages(data: common.BenchData, store: Path, exp: Any, args: Any, dev
             common.sync(device)
         b["device_augment"] += t["s"]
     return {"onthefly_ms": {key: round(1000 * v / n, 1) for key, v in a.items()},
-            "cached_ms": {key: round(1000 * v / reps, 1) for key, v in b.items()}}
-
-
-def checksum_cost(store: Path, exp: Any, args: Any, work: Path, reads: int = 24) -> dict[str, float]:
-    """Milliseconds per training read with and without the chunks' crc32c check: the store's
-    `images` against a copy of its first rows with the same chunks, shards and compressor but no
-    crc32c codec, read the same way (`arr[row, lo:hi]` over each read's chunk span), alternating."""
-    import shutil
-
-    import zarr
-
-    from cttrain.data import slice_indices
-
-    src = zarr.open_group(str(store), mode="r")["images"]
-    n = min(src.shape[0], 4)
-    codecs = [c for c in src.metadata.codecs[0].codecs[1:] if type(c).__name__ != "Crc32cCodec"]
-    path = work / "checksum-probe.zarr"
-    shutil.rmtree(path, ignore_errors=True)
-    plain = zarr.create_array(str(path), shape=(n, *src.shape[1:]), dtype=src.dtype, chunks=src.chunks,
-                              shards=src.shards, compressors=codecs, fill_value=0)
-    plain[:] = src[:n]
-    cs, k, stride = src.chunks[1], exp.data.slices, exp.data.slice_stride
-    totals = {"with_crc32c": 0.0, "without": 0.0}
-    for i in range(reads):
-        idx = slice_indices(src.shape[1], k, stride, True, np.random.default_rng([args.seed, i]))
-        lo, hi = int(idx.min()) // cs * cs, min((int(idx.max()) // cs + 1) * cs, src.shape[1])
-        for name, arr in (("with_crc32c", src), ("without", plain))[:: 1 if i % 2 else -1]:
-            with common.stopwatch() as t:
-                np.asarray(arr[i % n, lo:hi])
-            totals[name] += t["s"]
-    shutil.rmtree(path, ignore_errors=True)
-    out = {f"{key}_ms": round(1000 * v / reads, 2) for key, v in totals.items()}
-    out["cost_pct"] = round(100 * (totals["with_crc32c"] / totals["without"] - 1), 1)
-    return out
+            "cached_ms": {key: round(1000 * v / reps, 1) for key, v in b.items()},
+            "read": read_probes.read_speed(store, exp, args), "handoff": read_probes.handoff_cost(reader, exp, args)}
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -292,13 +263,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common.log(f"(b) cached: {args.epochs} passes over {len(data.files)} volumes from {store.name}")
     cached = run_cached(store, exp, args, device)
     common.log("(b0) cached, no augmentation: the data path alone")
-    bare = run_cached(store, exp, args, device, augment=False, epochs=max(2, args.epochs // 2))
+    bare = run_cached(store, exp, args, device, augment=False)
+    monai = None
+    if not args.no_monai and peer_monai.available():
+        common.log(f"MONAI: PersistentDataset and CacheDataset over the same {len(data.files)} volumes")
+        monai = peer_monai.run(data, exp, args, args.data)
+    elif not args.no_monai:
+        common.log("MONAI not installed: `pip install -e '.[bench]'` adds its columns")
     common.log(f"(a) on the fly: {len(data.files)} volumes from .nii.gz")
     onthefly = run_onthefly(data, exp, args, device)
     common.log("where time goes: each step, one volume at a time, in this process")
     stages = profile_stages(data, store, exp, args, device)
     common.log("checksum cost: the store's reads with and without crc32c")
-    crc = checksum_cost(store, exp, args, args.data)
+    crc = read_probes.checksum_cost(store, exp, args, args.data)
     if cached["shape"] != onthefly["shape"]:
         raise SystemExit(f"error: output shapes differ: {cached['shape']} vs {onthefly['shape']}")
     result = {
@@ -309,17 +286,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "shape": cached["shape"],
         "cached_noaug_volumes_per_s": round(bare["volumes_per_s"], 3),
         "speedup_noaug": round(bare["volumes_per_s"] / onthefly["volumes_per_s"], 2),
+        "monai_persistent_volumes_per_s": None if monai is None else round(monai["persistent"]["volumes_per_s"], 3),
+        "monai_cache_volumes_per_s": None if monai is None else round(monai["cache"]["volumes_per_s"], 3),
+        "monai_first_epoch_s": None if monai is None else monai["persistent"]["first_epoch_s"],
+        "store_read_mb_per_s": stages["read"]["delivered_mb_per_s"],
         "threads": args.threads, "batch_size": args.batch_size, "device": device, "quick": args.quick,
         "config": _shown(args.config), "set": args.set,
         "data": {"generator": data.generator, "scale": args.scale, "volumes": len(data.files),
                  "source_bytes": data.source_bytes},
         "cached": cached, "cached_noaug": bare, "onthefly": onthefly, "stages": stages, "checksum": crc,
+        "monai": monai,
         "machine": common.machine_info(),
     }
     common.emit("loader", result, args, _rows(result), ("pipeline", "volumes", "seconds", "volumes/s"),
                 f"loader: {args.workers} workers, {args.threads} main threads, {device}, "
                 f"output (K,C,H,W) = {tuple(cached['shape'])}, batch {args.batch_size}")
     return result
+
+
+def _monai_rows(m: dict[str, Any] | None) -> list[tuple[str, ...]]:
+    if m is None:
+        return [("MONAI: not measured (pip install -e '.[bench]')", "", "", "")]
+    p, c = m["persistent"], m["cache"]
+    return [
+        (f"MONAI PersistentDataset (first pass {p['first_epoch_s']:.1f} s, {p['disk_bytes_per_volume'] / 1e6:.1f} MB "
+         f"disk/volume; no augmentation {p['noaug_volumes_per_s']:.0f}/s)", str(p["volumes"]), f"{p['seconds']:.2f}",
+         f"{p['volumes_per_s']:.2f}"),
+        (f"MONAI CacheDataset (fill {c['fill_s']:.1f} s, {c['ram_bytes_per_volume'] / 1e6:.1f} MB RAM/volume)",
+         str(c["volumes"]), f"{c['seconds']:.2f}", f"{c['volumes_per_s']:.2f}"),
+    ]
 
 
 def _shown(path: Path) -> str:
@@ -336,6 +331,7 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
          f"{b['volumes_per_s']:.2f}"),
         ("(b0) cached, no augmentation", str(b0["volumes"]), f"{b0['seconds']:.2f}",
          f"{b0['volumes_per_s']:.2f}"),
+        *_monai_rows(r.get("monai")),
         ("speedup (b)/(a)", "", "", f"{r['speedup']:.1f}x"),
         ("speedup (b0)/(a)", "", "", f"{r['speedup_noaug']:.1f}x"),
     ]
@@ -343,6 +339,12 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
         steps = r["stages"][key]
         text = ", ".join(f"{k} {v:.0f}" for k, v in steps.items())
         rows.append((f"{side} ms per volume, one thread: {text}", "", "", f"{sum(steps.values()):.0f} ms"))
+    rd, h = r["stages"]["read"], r["stages"]["handoff"]
+    rows.append((f"store read, one thread, per window: {rd['direct_ms']:.2f} ms direct "
+                 f"({rd['decoded_mb_per_s']:.0f} MB/s decoded), {rd['zarr_ms']:.2f} ms through zarr", "", "",
+                 f"{rd['delivered_mb_per_s']:.0f} MB/s"))
+    rows.append((f"worker hand-off, ms per batch: stack {h['stack_ms']:.2f}, into new shared memory "
+                 f"{h['shared_stack_ms']:.2f}", "", "", ""))
     c = r["checksum"]
     rows.append((f"store read, ms per window: {c['with_crc32c_ms']:.2f} with crc32c, {c['without_ms']:.2f} "
                  "without", "", "", f"{c['cost_pct']:+.1f} %"))

@@ -1,10 +1,12 @@
-"""Run every benchmark, each in its own process, and summarise: `make bench` runs `--quick`.
+"""Run every benchmark, each in its own process, and summarise: `make bench` runs the full ones,
+`make bench-quick` the `--quick` smoke versions.
 
 Order: build_cache (generates the shared CT-RATE-size volumes on first use), loader, augment,
 train_step. Each script's table is shown as it finishes; its JSON goes to `<out>/<name>.json` and
 the headline numbers to `<out>/summary.json`. With --json the last stdout line is the summary.
 
-    python bench/run_all.py --quick        # about 5-10 minutes on 2 cores, data generation included
+    python bench/run_all.py                # full; see BENCHMARKS.md for its wall time on 2 cores
+    python bench/run_all.py --quick        # smoke run: start-up-bound, not for reported numbers
 """
 
 from __future__ import annotations
@@ -48,7 +50,13 @@ def summarise(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
         rows += [("loader: cached / on the fly", f"{r['speedup']:.1f}x",
                   f"{r['cached_volumes_per_s']:.2f} vs {r['onthefly_volumes_per_s']:.3f} volumes/s, "
                   f"{r['workers']} workers, {r['device']}"),
-                 ("loader: cached without augmentation / on the fly", f"{r['speedup_noaug']:.1f}x", "")]
+                 ("loader: cached without augmentation / on the fly", f"{r['speedup_noaug']:.1f}x", ""),
+                 ("store read per core (uint8 delivered)", f"{r['store_read_mb_per_s']:.0f} MB/s", "target >= 300")]
+        if r.get("monai_persistent_volumes_per_s"):
+            rows.append(("loader: cached / MONAI PersistentDataset, CacheDataset",
+                         f"{r['cached_volumes_per_s'] / r['monai_persistent_volumes_per_s']:.2f}x, "
+                         f"{r['cached_volumes_per_s'] / r['monai_cache_volumes_per_s']:.2f}x",
+                         f"{r['monai_persistent_volumes_per_s']:.1f}, {r['monai_cache_volumes_per_s']:.1f} volumes/s"))
     if "augment" in results:
         r = results["augment"]
         for name, s in r["sets"].items():

@@ -73,6 +73,13 @@ def test_loader(work: Path, results: dict) -> None:
     crc = r["checksum"]                                   # the read-speed cost of the chunk checksums
     assert crc["with_crc32c_ms"] > 0 and crc["without_ms"] > 0
     assert crc["cost_pct"] == pytest.approx(100 * (crc["with_crc32c_ms"] / crc["without_ms"] - 1), abs=1.0)
+    read = r["stages"]["read"]                            # the direct shard read beside zarr's own path
+    assert read["direct_ms"] > 0 and read["zarr_ms"] > 0 and r["store_read_mb_per_s"] == read["delivered_mb_per_s"]
+    assert read["decoded_mb_per_s"] >= read["delivered_mb_per_s"]
+    # the peer, in the same run, on the same volumes and target shape (the bench extra is in dev)
+    assert r["monai_persistent_volumes_per_s"] > 0 and r["monai_cache_volumes_per_s"] > 0
+    assert r["monai_first_epoch_s"] > 0 and r["monai"]["shape"] == r["shape"]
+    assert r["monai"]["persistent"]["disk_bytes_per_volume"] > 0 and r["monai"]["cache"]["ram_bytes_per_volume"] > 0
     results["loader"] = r
 
 
@@ -101,7 +108,7 @@ def test_augment(work: Path, results: dict) -> None:
     rows = r["sets"]["demo"]["volumes_per_s"]
     alone = {f"{t} alone" for t in ("affine", "elastic", "blur", "intensity", "noise")}
     assert set(rows) == {"config mix", *alone}
-    assert all(v["albumentations_cpu"] > 0 and v["device_cpu"] > 0 for v in rows.values())
+    assert all(v["albumentations_cpu"] > 0 and v["device_cpu"] > 0 and v["kornia_cpu"] > 0 for v in rows.values())
     assert r["sets"]["demo"]["shape"][1:] == [DEMO.data.slices, len(DEMO.preprocess.windows),
                                               *DEMO.preprocess.shape[1:]]
     results["augment"] = r

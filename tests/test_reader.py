@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ctprep.config import PreprocessConfig
+from ctprep.shard_read import ShardReader
 from ctprep.store import create_store
 from cttrain.data import VolumeDataset, make_loader
 from cttrain.reader import FoldError, StoreReader, fold_rows
@@ -96,16 +97,61 @@ class _Spy:
 
 
 def test_sparse_read_touches_only_the_chunks_it_needs(store):
+    """Through zarr: the slice spans asked of the images array."""
     path, images, _ = store
     reader = StoreReader(path)
+    reader.direct = False
     spy = _Spy(reader._array())
     reader._images = spy
     out = reader.read(0, np.array([1, 2, 21]))  # chunks 0 and 5 of 6: never decode chunks 1-4
     np.testing.assert_array_equal(out, images[0][[1, 2, 21]])
-    assert all(stop <= CHUNK or start >= 5 * CHUNK for start, stop in spy.spans)
+    assert spy.spans and all(stop <= CHUNK or start >= 5 * CHUNK for start, stop in spy.spans)
     spy.spans.clear()
     reader.read(0, np.arange(4, 16, 2))  # a window is one contiguous read
     assert spy.spans == [(4, 15)]
+
+
+class _DecodeSpy(ShardReader):
+    """Records the chunk runs decoded and the byte ranges read from the shard file."""
+
+    def __init__(self, layout):
+        super().__init__(layout)
+        self.runs, self.reads = [], []
+
+    def decode(self, read, size, index, first, last, out):
+        self.runs.append((first, last))
+
+        def counted(offset, n):
+            self.reads.append((offset, n))
+            return read(offset, n)
+
+        super().decode(counted, size, index, first, last, out)
+
+
+def test_direct_read_decodes_only_the_chunks_it_needs(store):
+    """The direct path (the default for ctprep's layout): chunk runs decoded, one file read each."""
+    path, images, _ = store
+    reader = StoreReader(path)
+    assert reader.direct
+    spy = reader._direct = _DecodeSpy(reader._layout)
+    out = reader.read(0, np.array([1, 2, 21]))
+    np.testing.assert_array_equal(out, images[0][[1, 2, 21]])
+    assert spy.runs == [(0, 0), (5, 5)] and len(spy.reads) == 2
+    spy.runs.clear()
+    spy.reads.clear()
+    np.testing.assert_array_equal(reader.read(0, np.arange(4, 16, 2)), images[0][4:16:2])
+    assert spy.runs == [(1, 3)] and len(spy.reads) == 1
+
+
+def test_direct_and_zarr_reads_agree(store):
+    path, _, _ = store
+    direct, via_zarr = StoreReader(path, channels=["wide", "lung"]), StoreReader(path, channels=["wide", "lung"])
+    via_zarr.direct = False
+    rng = np.random.default_rng(3)
+    for row in range(direct.n):
+        for _ in range(4):
+            idx = rng.choice(DEPTH, size=int(rng.integers(1, 9)), replace=True)
+            np.testing.assert_array_equal(direct.read(row, idx), via_zarr.read(row, idx))
 
 
 def test_reader_pickles_without_its_handle_and_reads_after(store):
@@ -166,3 +212,33 @@ def test_fold_rows_written_row_without_fold(tmp_path):
     make_store(tmp_path / "s.zarr", n=4, folds=[0, 1, -1, 1], k=2)
     with pytest.raises(FoldError, match="1 written volumes have no fold.*train_2_a_1"):
         fold_rows(StoreReader(tmp_path / "s.zarr"), 0, 2)
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "blosc-lz4", "blosc-zstd", "none"])
+def test_every_configured_compressor_reads_directly(tmp_path, compressor):
+    rng = np.random.default_rng(5)
+    cfg = PreprocessConfig(shape=[DEPTH, H, W], chunk_slices=CHUNK, compressor=compressor)
+    store = create_store(tmp_path / "c.zarr", volume_names=["train_1_a_1", "train_2_a_1"],
+                         patient_ids=["train_1", "train_2"], labels=np.zeros((2, 1)), label_names=["a"], cfg=cfg)
+    images = rng.integers(0, 256, (DEPTH, 3, H, W), dtype=np.uint8)
+    images[8:12] = 0                                   # an all-fill chunk is written too (write_empty_chunks)
+    store.write_row(0, images, "src", {})
+    reader = StoreReader(tmp_path / "c.zarr")
+    assert reader.direct and reader._layout.codec == compressor.split("-")[0]
+    np.testing.assert_array_equal(reader.read_volume(0), images)
+    np.testing.assert_array_equal(reader.read_volume(1), np.zeros_like(images))   # unwritten row: fill value
+
+
+def test_a_layout_ctprep_does_not_write_reads_through_zarr(tmp_path):
+    """An `images` array without shards (written by some other tool): no direct path, same answers."""
+    import zarr
+
+    path = tmp_path / "plain.zarr"
+    make_store(path, n=2)
+    group = zarr.open_group(str(path), mode="r+")
+    images = group["images"][:]
+    del group["images"]
+    group.create_array("images", data=images, chunks=(1, CHUNK, 3, H, W))
+    reader = StoreReader(path)
+    assert not reader.direct
+    np.testing.assert_array_equal(reader.read(1, np.array([3, 9, 22])), images[1][[3, 9, 22]])
