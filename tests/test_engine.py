@@ -227,6 +227,34 @@ def test_same_seed_gives_identical_metrics(trained, store, tmp_path):
     assert table == [[r[c] for c in cols] for r in read_metrics(run_dir)]
 
 
+def test_direct_shard_reads_train_exactly_as_zarr_reads(trained, store, tmp_path, monkeypatch):
+    """The data path changes speed, not values: a fold trained with the reader forced onto zarr's
+    own read path logs the same metrics and writes the same predictions as the direct reads."""
+    from cttrain import reader as reader_module
+    from cttrain.engine import train_fold
+
+    run_dir, result = trained
+    original = reader_module.StoreReader.__init__
+
+    def through_zarr(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.direct = False
+
+    monkeypatch.setattr(reader_module.StoreReader, "__init__", through_zarr)
+    assert not reader_module.StoreReader(store).direct
+    again = train_fold(tiny_cfg(store), 0, tmp_path, k=5, progress=False)
+    assert again["metrics"] == result["metrics"]
+    cols = ["train_loss", "val_loss", "val_auroc", "lr"]
+    rows = [[r[c] for c in cols] for r in read_metrics(tmp_path)]
+    assert rows == [[r[c] for c in cols] for r in read_metrics(run_dir)]
+    mine = sorted(run_dir.rglob("*.csv"))
+    theirs = {f.relative_to(tmp_path): f.read_bytes() for f in tmp_path.rglob("*.csv")}
+    preds = [f for f in mine if "pred" in f.name]
+    assert preds, "the fold wrote no prediction table"
+    for f in preds:
+        assert theirs[f.relative_to(run_dir)] == f.read_bytes(), f.name
+
+
 def test_ema_accumulation_clipping_and_mixup(store, tmp_path):
     from cttrain.checkpoint import load_checkpoint
     from cttrain.engine import train_fold
