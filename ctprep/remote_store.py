@@ -53,21 +53,30 @@ def inputs_hash(volume_names: list[str], labels: np.ndarray, label_names: list[s
 
 def state(url: str) -> str:
     """'store' (its root zarr.json is there), 'creating' (a claim but no root yet: a creator is at
-    work or was killed), 'absent' (nothing under the prefix) or 'other' (objects, but no store)."""
+    work or was killed), 'absent' (nothing under the prefix) or 'other' (objects, but no store).
+
+    The prefix is listed BEFORE the claim is looked for: a creator PUTs its claim before any other
+    object, so whatever the listing saw implies a claim by the time it is checked. Checking the
+    claim first and listing after would call a store that another shard starts creating in between
+    'other' (seen once in CI: two shards racing to create one store)."""
     fs, root = remote.filesystem(url)
     try:
         fs.invalidate_cache()
         if fs.exists(remote.join(root, "zarr.json")):
             return "store"
-        if fs.exists(remote.join(root, CLAIM)):
-            return "creating"
         try:
             # A listing, not a bucket probe: a key with access to one prefix may not probe buckets.
-            return "other" if fs.ls(root, detail=False) else "absent"
+            listed = bool(fs.ls(root, detail=False))
         except FileNotFoundError as exc:
             if any(w in str(exc).lower() for w in ("bucket does not exist", "nosuchbucket")):
                 raise
+            listed = False
+        if not listed:
             return "absent"
+        fs.invalidate_cache()
+        if fs.exists(remote.join(root, "zarr.json")):
+            return "store"
+        return "creating" if fs.exists(remote.join(root, CLAIM)) else "other"
     except Exception as exc:  # noqa: BLE001 - one line naming the URL
         raise remote.store_error(url, exc) from None
 
