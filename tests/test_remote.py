@@ -225,3 +225,22 @@ def test_a_creator_with_other_inputs_is_refused_before_it_uploads(s3):
         create_remote(url, volume_names=["train_1_a_1"], patient_ids=["train_1"], labels=np.zeros((1, 1)),
                       label_names=["Cardiomegaly"], cfg=small_cfg())
     assert set(_objects(url, s3)) == {CLAIM}                            # nothing of ours was uploaded
+
+
+def test_state_of_a_prefix_absent_creating_other_store(s3):
+    """`remote_store.state`: nothing; a claim (a creator at work); objects without a claim (not ours:
+    refused); a root zarr.json (a store). A listing taken while a creator uploads sees its claim."""
+    from ctprep.remote_store import CLAIM, state
+
+    fs = s3.fs()
+    url = s3.url("states/s.zarr")
+    root = url.split("://", 1)[1]
+    assert state(url) == "absent"
+    fs.pipe_file(f"{root}/{CLAIM}", b"{}")
+    fs.pipe_file(f"{root}/labels/zarr.json", b"{}")
+    assert state(url) == "creating"
+    fs.pipe_file(f"{root}/zarr.json", b"{}")
+    assert state(url) == "store"
+    stray = s3.url("states/other.zarr")
+    fs.pipe_file(f"{stray.split('://', 1)[1]}/notes.txt", b"not a store")
+    assert state(stray) == "other"
