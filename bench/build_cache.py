@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import bench_data
 import common
 import numpy as np
 
@@ -63,7 +64,7 @@ def time_import() -> float:
     return time.perf_counter() - start
 
 
-def time_build(data: common.BenchData, out: Path, workers: int, args: Any, fresh: bool = True) -> float:
+def time_build(data: bench_data.BenchData, out: Path, workers: int, args: Any, fresh: bool = True) -> float:
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
     return common.build_store_cli(data, out, workers, args.config, common.set_args(args.set))
@@ -81,7 +82,7 @@ def stage_split(store: Path) -> dict[str, float]:
     return {k: round(totals[k], 3) for k in order}
 
 
-def time_store_write(data: common.BenchData, config: Path, overrides: list[str], work: Path) -> float:
+def time_store_write(data: bench_data.BenchData, config: Path, overrides: list[str], work: Path) -> float:
     """Seconds for `CacheStore.write_row` (compress, write, read back, compare) of one volume."""
     from ctprep.config import load_preprocess
     from ctprep.naming import LABEL_NAMES
@@ -89,7 +90,7 @@ def time_store_write(data: common.BenchData, config: Path, overrides: list[str],
     from ctprep.store import create_store
 
     cfg = load_preprocess(config, overrides)
-    images = preprocess_volume(data.files[0], cfg, common.volume_metas(data)[0]).images
+    images = preprocess_volume(data.files[0], cfg, bench_data.volume_metas(data)[0]).images
     path = work / "write-probe.zarr"
     shutil.rmtree(path, ignore_errors=True)
     store = create_store(path, volume_names=["probe"], patient_ids=["probe"],
@@ -100,7 +101,7 @@ def time_store_write(data: common.BenchData, config: Path, overrides: list[str],
     return t["s"]
 
 
-def codec_limits(data: common.BenchData, store: Path) -> dict[str, float]:
+def codec_limits(data: bench_data.BenchData, store: Path) -> dict[str, float]:
     """Single-thread ceilings, MB/s of uncompressed bytes: gzip inflate of a source file (zlib,
     what SimpleITK's NIfTI reader does), Blosc zstd/lz4 encode and decode of the store's own
     chunks (level 3, no shuffle, 4 slices per chunk as stored), and a plain memory copy."""
@@ -140,7 +141,7 @@ def _median(values: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    data = common.ensure_data(args.data, args.volumes, args.seed, args.scale)
+    data = bench_data.ensure_data(args.data, args.volumes, args.seed, args.scale)
     work = args.data / "build-bench"
     work.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[float]] = {"decode": [], "build_w1": [], "build_w2": [], "noop_w1": [], "import": []}

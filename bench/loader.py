@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import bench_data
 import common
 import numpy as np
 import peer_monai
@@ -112,7 +113,7 @@ class _Indices:
         return len(self.indices)
 
 
-def run_onthefly(data: common.BenchData, exp: Any, args: Any, device: str) -> dict[str, Any]:
+def run_onthefly(data: bench_data.BenchData, exp: Any, args: Any, device: str) -> dict[str, Any]:
     """Spawned, persistent workers: forking after SimpleITK's or OpenCV's thread pools have run
     can deadlock the child, and a spawned worker's start-up (imports) must not count. A warm-up
     pass gives every worker one batch; the timed pass then reads each volume once."""
@@ -120,7 +121,7 @@ def run_onthefly(data: common.BenchData, exp: Any, args: Any, device: str) -> di
 
     from cttrain.data import to_device
 
-    ds = OnTheFlyDataset(data.files, common.volume_metas(data), common.file_labels(data), exp, args.seed)
+    ds = OnTheFlyDataset(data.files, bench_data.volume_metas(data), bench_data.file_labels(data), exp, args.seed)
     sampler = _Indices()
     extra = {"worker_init_fn": _one_thread_worker, "multiprocessing_context": "spawn",
              "persistent_workers": True, "prefetch_factor": 2} if args.workers > 0 else {}
@@ -192,7 +193,7 @@ def run_cached(store: Path, exp: Any, args: Any, device: str, augment: bool = Tr
 # ------------------------------------------------------------------------------- where time goes
 
 
-def profile_stages(data: common.BenchData, store: Path, exp: Any, args: Any, device: str,
+def profile_stages(data: bench_data.BenchData, store: Path, exp: Any, args: Any, device: str,
                    volumes: int = 2) -> dict[str, dict[str, float]]:
     """Milliseconds per volume of each step of both pipelines, in this process, one volume at a
     time (batch of one): (a) the pipeline's own stage timings plus slice choice + albumentations
@@ -205,7 +206,7 @@ def profile_stages(data: common.BenchData, store: Path, exp: Any, args: Any, dev
     from cttrain.data import slice_indices
     from cttrain.reader import StoreReader
 
-    metas, n = common.volume_metas(data), min(volumes, len(data.files))
+    metas, n = bench_data.volume_metas(data), min(volumes, len(data.files))
     cpu_aug, dev_aug = build_cpu_augment(exp.augment), DeviceAugment(exp.augment)
     k, stride = exp.data.slices, exp.data.slice_stride
     a: dict[str, float] = {}
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.config = DEVICE_CONFIG["cuda" if str(device).startswith("cuda") else "cpu"]
     exp = load_config(args.config, args.set)
     args.batch_size = args.batch_size or exp.data.batch_size
-    data = common.ensure_data(args.data, args.volumes, args.seed, args.scale)
+    data = bench_data.ensure_data(args.data, args.volumes, args.seed, args.scale)
     store = common.ensure_store(data, args.data, args.config, args.set)
     common.log(f"(b) cached: {args.epochs} passes over {len(data.files)} volumes from {store.name}")
     cached = run_cached(store, exp, args, device)

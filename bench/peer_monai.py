@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import bench_data
 import common
 import numpy as np
 
@@ -140,8 +141,8 @@ def transforms(exp: Any, augment: bool = True) -> Any:
     return Compose(steps)
 
 
-def _items(data: common.BenchData) -> list[dict[str, Any]]:
-    metas, labels = common.volume_metas(data), common.file_labels(data)
+def _items(data: bench_data.BenchData) -> list[dict[str, Any]]:
+    metas, labels = bench_data.volume_metas(data), bench_data.file_labels(data)
     return [{"image": str(f), "label": labels[i].astype(np.float32),
              "slope": 1.0 if m is None else m.slope, "intercept": 0.0 if m is None else m.intercept}
             for i, (f, m) in enumerate(zip(data.files, metas, strict=True))]
@@ -172,7 +173,7 @@ def _passes(dataset: Any, args: Any, passes: int, seed: int) -> tuple[int, float
     return count, seconds, shape
 
 
-def run(data: common.BenchData, exp: Any, args: Any, work: Path) -> dict[str, Any]:
+def run(data: bench_data.BenchData, exp: Any, args: Any, work: Path) -> dict[str, Any]:
     """PersistentDataset and CacheDataset figures (see the module docstring)."""
     import warnings
 

@@ -82,8 +82,9 @@ def checksum_cost(store: Path, exp: Any, args: Any, work: Path, reads: int = 24)
     from ctprep.shard_read import ShardLayout, ShardReader, file_source
 
     k, stride, cs = exp.data.slices, exp.data.slice_stride, src.chunks[1]
-    decoders = {name: (ShardReader(ShardLayout.of(arr)), root)
-                for name, arr, root in (("with_crc32c", src, Path(store)), ("without", plain, path))}
+    # each array's decoder and folder: the store's `images`, and the probe array at `path`
+    decoders = {name: (ShardReader(ShardLayout.of(arr)), folder)
+                for name, arr, folder in (("with_crc32c", src, Path(store) / "images"), ("without", plain, path))}
     block = np.empty((src.shape[1], *src.shape[2:]), dtype=np.uint8)
     totals = {"with_crc32c": 0.0, "without": 0.0}
     for i in range(reads):
@@ -91,9 +92,9 @@ def checksum_cost(store: Path, exp: Any, args: Any, work: Path, reads: int = 24)
         first, last = int(idx.min()) // cs, int(idx.max()) // cs
         key = src.metadata.encode_chunk_key((i % n, 0, 0, 0, 0))
         for name in ("with_crc32c", "without")[:: 1 if i % 2 else -1]:
-            decoder, root = decoders[name]
+            decoder, folder = decoders[name]
             with common.stopwatch() as t:
-                read, size, close = file_source(root / "images" / key if name == "with_crc32c" else root / key)
+                read, size, close = file_source(folder / key)
                 decoder.decode(read, size, decoder.index(read, size), first, last, block[: (last - first + 1) * cs])
                 close()
             totals[name] += t["s"]

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import bench_data
 import common
 import numpy as np
 
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.config = args.config or DEVICE_CONFIG["cuda" if device.startswith("cuda") else "cpu"]
     exp = load_config(args.config, args.set)
     args.batch_size = args.batch_size or exp.data.batch_size
-    data = common.ensure_data(args.data, args.volumes, args.seed, args.scale)
+    data = bench_data.ensure_data(args.data, args.volumes, args.seed, args.scale)
     store = common.ensure_store(data, args.data, args.config, args.set)
     size = store_bytes(store) or 0
     with tempfile.TemporaryDirectory() as tmp, start_s3(Path(tmp) / "moto.log") as s3:

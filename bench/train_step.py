@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import bench_data
 import common
 import numpy as np
 
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     common.limit_threads(args.threads)
     device = common.resolve_device(args.device)
-    data = common.ensure_data(args.data, args.volumes, args.seed, args.scale)
+    data = bench_data.ensure_data(args.data, args.volumes, args.seed, args.scale)
     runs: dict[str, Any] = {}
     demo_store = common.ensure_store(data, args.data, DEMO, args.set)
     common.log(f"demo config on CPU: {args.steps} steps")

@@ -137,15 +137,21 @@ class StoreReader:
         if not self.remote:
             self._check_shard(row)
             return arr, row
+        raw = self._remote_shard(row)
+        if raw is None:
+            return arr, row                       # an unwritten row: zarr's fill value, as locally
+        return self._shard_copy(arr, raw), 0
+
+    def _remote_shard(self, row: int) -> bytes | None:
+        """Row `row`'s shard from object storage in one request; None for an unwritten row without
+        one (a written row without one is damage)."""
         try:
             raw = self._store.shard_bytes(row)
         except StoreError as exc:
             raise StoreReadError(f"row {row} ({self.volume_names[row]}): {exc}") from None
-        if raw is None:
-            if self._shard_files and self.written[row]:
-                raise self._damaged(row, "its images shard file is missing")
-            return arr, row                       # an unwritten row: zarr's fill value, as locally
-        return self._shard_copy(arr, raw), 0
+        if raw is None and self._shard_files and self.written[row]:
+            raise self._damaged(row, "its images shard file is missing")
+        return raw
 
     def _shard_copy(self, arr: Any, raw: bytes) -> Any:
         import zarr
@@ -235,23 +241,16 @@ class StoreReader:
 
     def _shard_source(self, row: int) -> tuple[Any, int, Any] | None:
         """(read, size, close) over row `row`'s shard; None for an unwritten row that has none."""
-        if self._store is None or self._pid != os.getpid():
-            self._array()
+        self._array()  # the store handle of this process
         if self.remote:
-            try:
-                raw = self._store.shard_bytes(row)
-            except StoreError as exc:
-                raise StoreReadError(f"row {row} ({self.volume_names[row]}): {exc}") from None
-            if raw is not None:
-                return bytes_source(raw)
-        else:
-            try:
-                return file_source(Path(self.path) / self._store.shard_key(row))
-            except FileNotFoundError:
-                pass
-        if self._shard_files and self.written[row]:
-            raise self._damaged(row, "its images shard file is missing")
-        return None
+            raw = self._remote_shard(row)
+            return None if raw is None else bytes_source(raw)
+        try:
+            return file_source(self._store.shard_file(row))
+        except FileNotFoundError:
+            if self._shard_files and self.written[row]:
+                raise self._damaged(row, "its images shard file is missing") from None
+            return None
 
     def read_many(self, requests: Iterable[tuple[int, np.ndarray]]) -> list[np.ndarray]:
         """`read(row, idx)` for each (row, idx), in order; on `read_ahead` threads at once when the

@@ -89,17 +89,17 @@ def test_anatomy_scale_volumes_are_real_thorax_at_256(tmp_path: Path, realct: Pa
 
     sys.path.insert(0, str(BENCH))
     try:
-        import common
+        import bench_data
     finally:
         sys.path.remove(str(BENCH))
-    data = common.ensure_data(tmp_path, 2, 0, "anatomy")
+    data = bench_data.ensure_data(tmp_path, 2, 0, "anatomy")
     assert data.generator == "realct.chest_ct_dicom" and len(data.files) == 2 and data.metadata_csv is None
     for path in data.files:
         image = sitk.ReadImage(str(path))
         assert image.GetSize()[:2] == (256, 256) and 110 <= image.GetSize()[2] <= 141
         hu = sitk.GetArrayViewFromImage(image)
         assert hu.min() <= -1000 and hu.max() > 500                     # air and bone: real anatomy
-    again = common.ensure_data(tmp_path, 2, 0, "anatomy")                # generated once, then reused
+    again = bench_data.ensure_data(tmp_path, 2, 0, "anatomy")            # generated once, then reused
     assert again.files == data.files
 
 
