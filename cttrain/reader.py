@@ -174,7 +174,7 @@ class StoreReader:
         is read in one call (a training window is one run: its span [min, max]); a sparse
         request (a few slices spread over a deep volume) reads its chunks run by run instead of
         decoding the whole span. A store in the layout ctprep writes is read directly
-        (`ctprep.shard_read`: the file's index, one read per run, the codec into one block; ~3x
+        (`ctprep.shard_read`: the file's index, one read per run, the codec into one block; 2.6-3.1x
         faster than zarr's own path, which any other layout still takes). zarr's `oindex` would
         do the same selection but measured ~20x slower on sharded arrays (zarr 3.1)."""
         idx = np.asarray(slice_idx, dtype=np.int64).reshape(-1)
