@@ -306,7 +306,7 @@ def _fold_block(k: int, fold_json: dict, y: np.ndarray, p: np.ndarray, tuned: np
     flat = _flat_metrics(metrics)
     return {
         "fold": k, "valid": flat["auroc_macro"] is not None,
-        **{key: fold_json.get(key) for key in ("best_epoch", "epochs_run", "n_train", "n_val")},
+        **{key: fold_json.get(key) for key in ("oof_epoch", "best_epoch", "epochs_run", "n_train", "n_val")},
         **flat, "macro": metrics.get("macro"), "per_label": metrics.get("per_label"),
         "nested_thresholds": dict(zip(names, thresholds.tolist(), strict=True)),
         "f1_macro_untuned": challenge_metrics(y, p, names)["macro"]["f1"],

@@ -80,6 +80,8 @@ class FoldState:
     stopped_early: bool = False
     train_seconds: float = 0.0
     best_metrics: dict[str, Any] | None = field(default=None, repr=False)
+    oof_epoch: int | None = None        # 1-based epoch whose validation is the fold's result
+    oof_metrics: dict[str, Any] | None = field(default=None, repr=False)
 
     def update(self, auroc: float, f1: float, epoch: int) -> tuple[bool, bool]:
         """Record a validation; returns (new best AUROC, new best F1). NaN never beats a number."""
@@ -273,10 +275,15 @@ def _validate(run: FoldRun, trainer: Trainer, state: FoldState, epoch: int) -> d
     better_auroc, better_f1 = state.update(auroc, f1, epoch)
     if better_auroc:
         state.best_metrics = metrics
+    # evaluation.oof_epoch: the fold's result is its last validation (honest) or its best (optimistic)
+    is_result = better_auroc if run.cfg.evaluation.oof_epoch == "best" else True
+    if is_result:
+        state.oof_epoch, state.oof_metrics = epoch, metrics
     if run.ctx.is_main:
+        if is_result:
+            _write_predictions(run, rows, probs, y)
         if better_auroc:
             _save_best(run, trainer, run.paths.best_auroc, epoch, metrics)
-            _write_predictions(run, rows, probs, y)
         if better_f1:
             _save_best(run, trainer, run.paths.best_f1, epoch, metrics)
     distributed.barrier(run.ctx)
@@ -361,7 +368,11 @@ def _finish(run: FoldRun, trainer: Trainer, state: FoldState) -> dict:
         "fold": run.fold, "k": run.k, "best_epoch": state.best_epoch, "best_f1_epoch": state.best_f1_epoch,
         "epochs_run": state.epoch, "stopped_early": state.stopped_early,
         "best_val_auroc": state.best_auroc, "best_val_f1": state.best_f1,
-        "metrics": state.best_metrics, "n_train": len(run.train_rows), "n_val": len(run.val_rows),
+        # the fold's result: the validation evaluation.oof_epoch names (best_val_auroc is the maximum
+        # over validations, chosen on these labels)
+        "oof_epoch": state.oof_epoch, "oof_rule": run.cfg.evaluation.oof_epoch,
+        "metrics": state.oof_metrics if state.oof_metrics is not None else state.best_metrics,
+        "n_train": len(run.train_rows), "n_val": len(run.val_rows),
         "skipped_unwritten": int(run.skipped), "label_names": run.label_names,
         "channels": list(run.reader.channel_names), "train_seconds": round(state.train_seconds, 3),
         "device": str(run.ctx.device), "world_size": run.ctx.world_size,
@@ -375,9 +386,10 @@ def _finish(run: FoldRun, trainer: Trainer, state: FoldState) -> dict:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)
-        macro = (state.best_metrics or {}).get("macro", {})
-        run.say(f"fold {run.fold}: best macro AUROC {macro.get('auroc', float('nan')):.4f} at epoch "
-                f"{state.best_epoch} -> {path}")
+        macro = (result.get("metrics") or {}).get("macro", {})
+        run.say(f"fold {run.fold}: macro AUROC {macro.get('auroc', float('nan')):.4f} at epoch {state.oof_epoch} "
+                f"({run.cfg.evaluation.oof_epoch}; best {state.best_auroc or float('nan'):.4f} at epoch "
+                f"{state.best_epoch}) -> {path}")
     distributed.barrier(run.ctx)
     return result
 

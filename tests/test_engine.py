@@ -185,10 +185,25 @@ def test_fold_writes_every_contract_file(trained):
     assert result["epochs_run"] == 3 and result["metrics"]["n"] == 4
     assert result["best_val_auroc"] == max(float(r["val_auroc"]) for r in rows)
     assert result["best_epoch"] == 1 + [float(r["val_auroc"]) for r in rows].index(result["best_val_auroc"])
+    # the fold's result is its last validation (evaluation.oof_epoch=last), not the best one
+    assert result["oof_epoch"] == 3 and result["oof_rule"] == "last"
+    assert result["metrics"]["macro"]["auroc"] == pytest.approx(float(rows[-1]["val_auroc"]))
     assert result["metrics"]["macro"]["auroc"] > 0.6  # the quadrant signal is learnt
 
 
-def test_predictions_are_the_best_auroc_model_on_the_val_fold(trained, store):
+def test_oof_epoch_best_reports_the_best_validation(store, tmp_path):
+    """evaluation.oof_epoch=best: the fold's result and prediction table are the epoch of highest
+    validation AUROC (the optimistic rule, kept for comparison with earlier runs)."""
+    from cttrain.engine import train_fold
+
+    result = train_fold(tiny_cfg(store, **{"evaluation.oof_epoch": "best", "training.epochs": 3}), 0, tmp_path,
+                        k=5, progress=False)
+    rows = read_metrics(tmp_path)
+    assert result["oof_rule"] == "best" and result["oof_epoch"] == result["best_epoch"]
+    assert result["metrics"]["macro"]["auroc"] == pytest.approx(max(float(r["val_auroc"]) for r in rows))
+
+
+def test_predictions_are_the_last_model_on_the_val_fold(trained, store):
     from cttrain.data import VolumeDataset, make_loader
     from cttrain.engine import load_model_from_checkpoint, predict_probs
     from cttrain.metrics import challenge_metrics
@@ -205,8 +220,8 @@ def test_predictions_are_the_best_auroc_model_on_the_val_fold(trained, store):
     y = np.array([[int(v) for v in r[1:]] for r in lrows])
     assert challenge_metrics(y, probs, LABELS)["macro"] == pytest.approx(result["metrics"]["macro"], abs=1e-6)
 
-    best = run_dir / "checkpoints" / "fold_0" / "fold_0_best_auroc.ckpt"
-    model, cfg_dict = load_model_from_checkpoint(best, "cpu")
+    last = run_dir / "checkpoints" / "fold_0" / "last.ckpt"
+    model, cfg_dict = load_model_from_checkpoint(last, "cpu")
     assert cfg_dict["model"]["tiny_width"] == 8 and model.label_names == LABELS
     reader = StoreReader(store)
     ds = VolumeDataset(reader, np.array([0, 5, 10, 15]), 4, 2, train=False, seed=42)
