@@ -360,6 +360,8 @@ def summarize(run_dir: str | Path, k: int, method: str | None = None) -> dict:
         "valid_folds": len(valid), "total_folds": k,
         "metrics": stats, "oof": oof_flat, "missing_folds": [f for f in range(k) if f not in done],
         "floor": floor, "below_floor": below, "note": RANKING_NOTE,
+        # which validation of each fold these numbers are (evaluation.oof_epoch: last = honest)
+        "oof_epoch": sorted({str(fold_json[f].get("oof_rule") or "best") for f in done}),
     }
     detailed = {
         "folds": {str(b["fold"]): b for b in blocks},

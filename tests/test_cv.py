@@ -82,6 +82,7 @@ def test_summary_fields_and_pooling(tmp_path):
     for key in ("auroc_macro", "f1_macro", "precision_macro", "recall_macro", "accuracy", "ranking_score"):
         assert HUMAN.match(summary[key]), (key, summary[key])
     assert summary["valid_folds"] == 3 and summary["total_folds"] == 3
+    assert summary["oof_epoch"] == ["best"]  # fold files without oof_rule predate the honest rule
     aurocs = [challenge_metrics(truth["y"][truth["folds"] == f], truth["p"][truth["folds"] == f],
                                 LABEL_NAMES)["macro"]["auroc"] for f in range(3)]
     assert summary["metrics"]["auroc_macro"]["mean"] == pytest.approx(np.mean(aurocs))

@@ -54,6 +54,7 @@ def test_small_pipeline_end_to_end(tmp_path):
     _ok(cttrain_app, ["cv", "--config", DEMO, "--cache", store, "--folds", 2, "--out", run, *train_sets])
     summary = json.loads((run / "results" / "cv_summary.json").read_text(encoding="utf-8"))
     assert summary["total_folds"] == 2 and "±" in summary["auroc_macro"]
+    assert summary["oof_epoch"] == ["last"]  # the default: each fold's last validation, not its best
     oof_header = (run / "results" / "oof_predictions.csv").read_text(encoding="utf-8").splitlines()[0]
     assert oof_header.split(",") == ["VolumeName", "fold", *LABEL_NAMES]
 
