@@ -291,6 +291,11 @@ def _summary_lines(run: _Run) -> list[str]:
     notes = []
     if "valid_folds" in summary:
         notes.append(f"Valid folds: {summary['valid_folds']} of {summary.get('total_folds', '?')}.")
+    rules = summary.get("oof_epoch")
+    if rules:  # evaluation.oof_epoch: which validation of each fold these figures are
+        notes.append("Each fold's result is its last epoch's validation." if rules == ["last"] else
+                     f"Fold results follow the rule(s) {', '.join(rules)}; 'best' = the epoch of highest "
+                     "validation AUROC, chosen on the labels it is scored on (optimistic).")
     tuned = summary.get("oof") if isinstance(summary.get("oof"), dict) else {}
     if "f1_macro_tuned" in tuned:
         notes.append(f"With per-label thresholds ({tuned.get('threshold_method', '?')}; each fold's tuned on the "

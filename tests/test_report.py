@@ -52,7 +52,7 @@ def _fake_run(root: Path, n: int = 90, seed: int = 0) -> Path:
         _write_csv(run / "logs" / f"fold_{k}" / "metrics.csv",
                    ["epoch", "train_loss", "val_loss", "val_auroc", "val_f1", "lr"], log)
     pooled = challenge_metrics(y, probs, LABELS)
-    summary = {"auroc_macro": "0.6458 ± 0.0234", "valid_folds": K, "total_folds": K,
+    summary = {"auroc_macro": "0.6458 ± 0.0234", "valid_folds": K, "total_folds": K, "oof_epoch": ["last"],
                "metrics": {"auroc_macro": {"mean": 0.6458, "std": 0.0234}, "crg": {"mean": 0.41, "std": 0.02}},
                "oof": {"auroc_macro": pooled["macro"]["auroc"], "crg": pooled["crg"], "f1_macro_tuned": 0.31,
                        "crg_tuned": 0.52, "threshold_method": "f1"}}
@@ -80,6 +80,7 @@ def test_report_writes_all_figures_and_markdown(tmp_path):
     for name in FIGURES:
         assert f"]({name}.png)" in text
     assert "0.6458 ± 0.0234" in text  # from cv_summary.json
+    assert "Each fold's result is its last epoch's validation." in text  # the rule cv_summary names
     assert "| Cardiomegaly |" in text and "tuned threshold" in text
     assert "## Notes" not in text  # nothing was missing
 
