@@ -126,7 +126,7 @@ class EvaluationConfig:
     checkpoint: str = "best_auroc"  # best_auroc | best_f1 | last, used by predict
     # which validation of a fold is its out-of-fold result (fold metrics, oof_predictions.csv):
     # last = the final epoch's (an honest estimate); best = the epoch of highest validation AUROC,
-    # chosen on the very labels it is scored on (optimistic: measured +0.02 to +0.10 on 60 patients)
+    # chosen on the very labels it is scored on (optimistic: +0.047 fold-mean on p6, BENCHMARKS §7)
     oof_epoch: str = "last"
 
 

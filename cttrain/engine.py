@@ -368,8 +368,7 @@ def _finish(run: FoldRun, trainer: Trainer, state: FoldState) -> dict:
         "fold": run.fold, "k": run.k, "best_epoch": state.best_epoch, "best_f1_epoch": state.best_f1_epoch,
         "epochs_run": state.epoch, "stopped_early": state.stopped_early,
         "best_val_auroc": state.best_auroc, "best_val_f1": state.best_f1,
-        # the fold's result: the validation evaluation.oof_epoch names (best_val_auroc is the maximum
-        # over validations, chosen on these labels)
+        # the fold's result is the validation evaluation.oof_epoch names; best_val_auroc the maximum
         "oof_epoch": state.oof_epoch, "oof_rule": run.cfg.evaluation.oof_epoch,
         "metrics": state.oof_metrics if state.oof_metrics is not None else state.best_metrics,
         "n_train": len(run.train_rows), "n_val": len(run.val_rows),
@@ -387,9 +386,9 @@ def _finish(run: FoldRun, trainer: Trainer, state: FoldState) -> dict:
         tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)
         macro = (result.get("metrics") or {}).get("macro", {})
+        best = float("nan") if state.best_auroc is None else state.best_auroc
         run.say(f"fold {run.fold}: macro AUROC {macro.get('auroc', float('nan')):.4f} at epoch {state.oof_epoch} "
-                f"({run.cfg.evaluation.oof_epoch}; best {state.best_auroc or float('nan'):.4f} at epoch "
-                f"{state.best_epoch}) -> {path}")
+                f"({run.cfg.evaluation.oof_epoch}; best {best:.4f} at epoch {state.best_epoch}) -> {path}")
     distributed.barrier(run.ctx)
     return result
 
