@@ -73,8 +73,9 @@ def test_small_pipeline_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_demo_config_learns_the_synthetic_findings(tmp_path):
     """`make demo` without the synth cache: 5-fold CV on the demo config stays at its floor and
-    learns the large findings (measured 2026-12-02 with each fold's last epoch: fold-mean 0.662
-    against the floor's 0.667; pooled emphysema 0.981, mosaic 0.970, cardiomegaly 0.916)."""
+    learns the large findings (measured 2026-12-02 with each fold's last epoch: fold-mean 0.662 and,
+    with val_every 4, 0.664 against the floor's 0.667; pooled emphysema 0.981 / 0.961, mosaic
+    0.970 / 0.973, cardiomegaly 0.916 / 0.929)."""
     import csv
 
     from sklearn.metrics import roc_auc_score
@@ -93,7 +94,7 @@ def test_demo_config_learns_the_synthetic_findings(tmp_path):
         with (run / "results" / name).open(newline="", encoding="utf-8") as fh:
             tables[name] = {row["VolumeName"]: row for row in csv.DictReader(fh)}
     probs, labels = tables["oof_predictions.csv"], tables["oof_labels.csv"]
-    # pooled, measured 2026-12-02 with the last-epoch rule: 0.981, 0.970, 0.916
+    # pooled, measured 2026-12-02 with the last-epoch rule: 0.981, 0.970, 0.916 (then 0.961, 0.973, 0.929)
     for label, least in (("Emphysema", 0.9), ("Mosaic attenuation pattern", 0.9), ("Cardiomegaly", 0.85)):
         auroc = roc_auc_score([int(labels[v][label]) for v in probs], [float(probs[v][label]) for v in probs])
         assert auroc >= least, (label, auroc)
