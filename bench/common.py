@@ -123,10 +123,14 @@ def _cpu_model() -> str:
 # ---------------------------------------------------------------------------------------- stores
 
 
+def console_command(name: str) -> list[str]:
+    """The `name` console script (ctprep, cttrain) beside this interpreter, else `python -m name`."""
+    script = Path(PYTHON).with_name(name)
+    return [str(script)] if script.is_file() else [PYTHON, "-m", name]
+
+
 def ctprep_command() -> list[str]:
-    """The `ctprep` console script beside this interpreter, else `python -m ctprep`."""
-    script = Path(PYTHON).with_name("ctprep")
-    return [str(script)] if script.is_file() else [PYTHON, "-m", "ctprep"]
+    return console_command("ctprep")
 
 
 def build_store_cli(data: BenchData, out: Path, workers: int, config: Path | None = None,

@@ -14,7 +14,7 @@ among the 96). The validation fold is the same for every size. Then, as a user r
     cttrain fold F --config C --cache VIEW --out WORK/run_n          (the CNN, its last epoch)
 
 and the fold's validation AUROC per label of both, read from their prediction tables
-(results/fold_F_predictions.csv; the floor's results/floor_oof_predictions.csv, rows of fold F).
+(results/fold_F_predictions.csv; the floor's results/floor_oof_predictions.csv, matched by volume).
 Labels with one class among the validation rows are left out. Prints a table and writes
 bench/results/learning_curve.json (--out). A local store only (symbolic links).
 """
@@ -22,7 +22,6 @@ bench/results/learning_curve.json (--out). A local store only (symbolic links).
 from __future__ import annotations
 
 import argparse
-import csv
 import shutil
 import subprocess
 import sys
@@ -30,14 +29,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import DEFAULT_OUT, PYTHON, _child_env, emit, fmt, log, machine_info
+from common import DEFAULT_OUT, _child_env, console_command, emit, fmt, log, machine_info
 
 SEED = 0   # of the permutation that picks the training patients of each size
-
-
-def cttrain_command() -> list[str]:
-    script = Path(PYTHON).with_name("cttrain")
-    return [str(script)] if script.is_file() else [PYTHON, "-m", "cttrain"]
 
 
 def make_view(store: Path, view: Path, keep_rows: np.ndarray) -> None:
@@ -76,26 +70,35 @@ def training_subsets(patient_ids: list[str], folds: np.ndarray, fold: int, sizes
     return out
 
 
-def _table(path: Path, fold: int | None) -> dict[str, dict[str, float]]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    return {r["VolumeName"]: r for r in rows if fold is None or int(r.get("fold", fold)) == fold}
+def fold_aurocs(pred_csv: Path, names: list[str], labels: np.ndarray, label_names: list[str]) -> dict[str, float]:
+    """AUROC per label of `pred_csv`'s rows for the validation volumes `names` (`labels`: their
+    rows); a table may hold other rows too (the floor's holds every fold's). Labels with one class
+    among these volumes are left out."""
+    from ctprep.naming import case_id
+    from cttrain.evaluate import read_prediction_table
+    from cttrain.metrics import per_label_auroc
 
-
-def fold_aurocs(pred_csv: Path, names: list[str], labels: np.ndarray, label_names: list[str],
-                fold: int | None) -> dict[str, float]:
-    """AUROC per label of `pred_csv`'s rows for the validation volumes `names` (labels: their rows)."""
-    from sklearn.metrics import roc_auc_score
-
-    table = _table(pred_csv, fold)
-    missing = [n for n in names if n not in table]
+    ids, probs, _ = read_prediction_table(pred_csv, label_names)
+    index = {name: i for i, name in enumerate(ids)}
+    missing = [n for n in names if case_id(n) not in index]
     if missing:
         raise SystemExit(f"{pred_csv}: no prediction for {len(missing)} validation volumes (first: {missing[0]})")
-    out = {}
-    for j, label in enumerate(label_names):
-        y = labels[:, j]
-        if 0 < y.sum() < len(y):
-            out[label] = float(roc_auc_score(y, [float(table[n][label]) for n in names]))
+    rows = [index[case_id(n)] for n in names]
+    aurocs = per_label_auroc(labels, probs[rows])
+    return {label: a for label, a in zip(label_names, aurocs, strict=True) if a is not None}
+
+
+def _sizes(text: str) -> list[int | None]:
+    """`--sizes`: positive integers or 'all', comma-separated."""
+    out: list[int | None] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "all":
+            out.append(None)
+        elif part.isdigit() and int(part) > 0:
+            out.append(int(part))
+        else:
+            raise SystemExit(f"--sizes: {part!r} is neither a positive number of patients nor 'all'")
     return out
 
 
@@ -122,11 +125,15 @@ def main() -> None:
     from cttrain.reader import StoreReader
 
     store = args.cache.resolve()
+    if not (store / "zarr.json").is_file():
+        raise SystemExit(f"{args.cache}: not a local ctprep store (no zarr.json); the views link its arrays")
+    sizes = _sizes(args.sizes)
     reader = StoreReader(store)
     folds = reader.folds
     if not (folds >= 0).any():
         raise SystemExit(f"{store}: no folds (run `ctprep make-folds {store}`)")
-    sizes = [None if s.strip() == "all" else int(s) for s in args.sizes.split(",")]
+    if not ((folds == args.fold) & reader.written).any():
+        raise SystemExit(f"{store}: --fold {args.fold} has no written volumes")
     work = (args.work or args.out / "learning_curve").resolve()
     work.mkdir(parents=True, exist_ok=True)
     val = np.flatnonzero((folds == args.fold) & reader.written)
@@ -140,14 +147,14 @@ def main() -> None:
         common = ["--config", str(args.config), "--cache", str(view), *overrides]
         log(f"{n} training patients: floor, then `cttrain fold {args.fold}` ...")
         floor_dir, run_dir = work / f"floor_{n}", work / f"run_{n}"
-        floor_s = _run([*cttrain_command(), "baseline", *common, "--out", str(floor_dir)], work / f"floor_{n}.log")
+        floor_s = _run([*console_command("cttrain"), "baseline", *common, "--out", str(floor_dir)],
+                       work / f"floor_{n}.log")
         shutil.rmtree(run_dir, ignore_errors=True)
-        cnn_s = _run([*cttrain_command(), "fold", str(args.fold), *common, "--out", str(run_dir)],
+        cnn_s = _run([*console_command("cttrain"), "fold", str(args.fold), *common, "--out", str(run_dir)],
                      work / f"run_{n}.log")
         cnn = fold_aurocs(run_dir / "results" / f"fold_{args.fold}_predictions.csv", names, labels,
-                          reader.label_names, None)
-        floor = fold_aurocs(floor_dir / "results" / "floor_oof_predictions.csv", names, labels,
-                            reader.label_names, args.fold)
+                          reader.label_names)
+        floor = fold_aurocs(floor_dir / "results" / "floor_oof_predictions.csv", names, labels, reader.label_names)
         train_rows = np.setdiff1d(keep, val)
         points.append({"patients": n, "volumes": int(len(train_rows)), "cnn": cnn, "floor": floor,
                        "cnn_macro": float(np.mean(list(cnn.values()))),

@@ -13,7 +13,7 @@ from cttrain.reader import StoreReader, fold_rows
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from learning_curve import make_view, training_subsets  # noqa: E402
+from learning_curve import _sizes, make_view, training_subsets  # noqa: E402
 from test_cv import tiny_store  # noqa: E402
 
 
@@ -44,3 +44,13 @@ def test_view_clears_only_the_dropped_training_rows(tmp_path):
     train, val, skipped = fold_rows(reader, 0, 3)
     assert list(val) == [0, 3, 6, 9] and list(train) == [1] and skipped == 7
     assert np.array_equal(reader.read(1, np.arange(4)), StoreReader(store).read(1, np.arange(4)))
+
+
+def test_sizes_are_positive_counts_or_all():
+    import pytest
+
+
+    assert _sizes("48, 96,all") == [48, 96, None]
+    for bad in ("0", "4x", ""):
+        with pytest.raises(SystemExit, match="--sizes"):
+            _sizes(bad)
